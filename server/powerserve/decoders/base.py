@@ -1,0 +1,74 @@
+"""The one interface every decoding method implements.
+
+A decoder turns a prompt (token ids) into output tokens by driving an :class:`Engine`. It
+yields only *final* tokens, in order: a decoder that cannot know its answer until the end
+(``power_mcmc``) yields everything at the end; one that samples left to right yields as it
+goes, which is what makes true token-by-token streaming possible. Stop strings, detokenising,
+self-reward scoring, usage and metrics are done once, by serving, for every decoder.
+
+Adding a decoder means adding a file with a subclass and one entry in ``registry.py``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from powerserve.engine.base import Engine, EngineStats, TokenStep
+
+
+class DecoderParams(BaseModel):
+    """Parameters of one decoder, validated at the edge; unknown names are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAISampling:
+    """The OpenAI sampling fields of a request (honoured by ``standard``)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRequest:
+    """One sequence to decode. ``n > 1`` requests become n of these with distinct seeds."""
+
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    seed: int | None
+    sampling: OpenAISampling
+    params: DecoderParams
+
+
+class Decoder(abc.ABC):
+    """A decoding method. Instances are shared by all requests: keep no per-request state."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    params_model: ClassVar[type[DecoderParams]]
+    streams_tokens: ClassVar[bool]  # True: tokens are yielded as soon as they are sampled
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def expected_cost(self, params: DecoderParams, max_tokens: int) -> float:
+        """Upper estimate of engine tokens (generated + scored) one sequence may spend.
+
+        Used for the server's per-request ceiling and for cost-weighted admission.
+        """
+        return float(max_tokens)
+
+    @abc.abstractmethod
+    def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
+        """Yield the output tokens of ``request`` in order, each final once yielded.
+
+        Every engine call made on the request's behalf is counted in ``stats``; the last token
+        may be an end-of-sequence token. Must stop promptly when the iterator is closed.
+        """

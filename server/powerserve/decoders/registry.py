@@ -1,0 +1,15 @@
+"""The one place that maps decoder names to their classes."""
+
+from __future__ import annotations
+
+from powerserve.decoders.base import Decoder
+from powerserve.decoders.standard import StandardDecoder
+from powerserve.decoders.temperature import TemperatureDecoder
+
+DECODERS: dict[str, type[Decoder]] = {
+    cls.name: cls
+    for cls in (
+        StandardDecoder,
+        TemperatureDecoder,
+    )
+}

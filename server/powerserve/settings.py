@@ -1,0 +1,54 @@
+"""Server settings: one frozen object, read from ``POWERSERVE_*`` environment variables and
+overridden by ``powerserve serve`` options of the same names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from powerserve.model_store import default_cache_dir
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POWERSERVE_", frozen=True, extra="ignore")
+
+    # Model and engine
+    model: str | None = Field(
+        None, description="local Hugging Face checkpoint directory or hub name; default: the embedded model"
+    )
+    served_model_name: str | None = Field(None, description="name clients use; default: the checkpoint's")
+    engine: Literal["auto", "vllm", "torch"] = Field(
+        "auto", description="auto picks vllm when it is importable, else torch"
+    )
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="where converted models live")
+    max_model_len: int = Field(2048, ge=16, description="context length (prompt + output tokens)")
+    dtype: str = Field("auto", description="model dtype: auto (float32 on CPU, bfloat16 on GPU), float32, ...")
+    seed: int = Field(0, description="engine-wide seed for requests that give none")
+    # vLLM only
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM memory share (on CPU: share of host memory for the KV cache)"
+    )
+    enforce_eager: bool = Field(False, description="vLLM: skip graph compilation (faster start, slower steps)")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs per replica)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vLLM pipeline parallelism")
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(None, description="if set, /v1/* requires 'Authorization: Bearer <key>'")
+
+    # Limits
+    max_n: int = Field(8, ge=1, description="largest n a request may ask for")
+    max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
+    max_engine_tokens_per_request: int = Field(
+        200_000, ge=1, description="ceiling on the engine tokens one request may be expected to spend"
+    )
+
+    # Decoders
+    distilled: Path | None = Field(None, description="checkpoint served by the 'distilled' decoder")
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
