@@ -142,6 +142,16 @@ class Engine(abc.ABC):
             return "stop"
         return "length"
 
+    async def top_logprobs(
+        self, prompt_ids: Sequence[int], token_ids: Sequence[int], k: int, stats: EngineStats
+    ) -> list[dict[int, float]]:
+        """For each position of ``token_ids``, the ``k`` most likely tokens under the raw model
+        with their log-probabilities (for the OpenAI ``logprobs`` field).
+
+        Counts one call and ``len(token_ids)`` scored tokens in ``stats``.
+        """
+        raise NotImplementedError(f"the {self.name} engine does not report top log-probabilities")
+
     def metrics_text(self) -> str:
         """Extra Prometheus exposition text the engine contributes to ``/metrics``."""
         return ""
