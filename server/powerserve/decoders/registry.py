@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from powerserve.decoders.base import Decoder
+from powerserve.decoders.power_mcmc import PowerMcmcDecoder
 from powerserve.decoders.standard import StandardDecoder
 from powerserve.decoders.temperature import TemperatureDecoder
 
@@ -10,6 +11,7 @@ DECODERS: dict[str, type[Decoder]] = {
     cls.name: cls
     for cls in (
         StandardDecoder,
+        PowerMcmcDecoder,
         TemperatureDecoder,
     )
 }

@@ -27,7 +27,5 @@ class TemperatureDecoder(Decoder):
 
     def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
         assert isinstance(request.params, TemperatureParams)
-        spec = SamplingSpec(
-            max_tokens=request.max_tokens, temperature=1.0 / request.params.alpha, seed=request.seed
-        )
+        spec = SamplingSpec(max_tokens=request.max_tokens, temperature=1.0 / request.params.alpha, seed=request.seed)
         return self.engine.generate(request.prompt_ids, spec, stats)

@@ -97,9 +97,7 @@ class Engine(abc.ABC):
     tokenizer: Any  # a Hugging Face tokenizer; None only for tokenizer-less test engines
 
     @abc.abstractmethod
-    def generate(
-        self, prompt_ids: Sequence[int], spec: SamplingSpec, stats: EngineStats
-    ) -> AsyncIterator[TokenStep]:
+    def generate(self, prompt_ids: Sequence[int], spec: SamplingSpec, stats: EngineStats) -> AsyncIterator[TokenStep]:
         """Sample a continuation of ``prompt_ids`` token by token.
 
         Yields each token as soon as it is sampled. Stops after an end-of-sequence token
@@ -108,17 +106,13 @@ class Engine(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def score(
-        self, prompt_ids: Sequence[int], token_ids: Sequence[int], stats: EngineStats
-    ) -> list[float]:
+    async def score(self, prompt_ids: Sequence[int], token_ids: Sequence[int], stats: EngineStats) -> list[float]:
         """Return log p(token_ids[t] | prompt_ids + token_ids[:t]) under the raw model.
 
         Counts one call and ``len(token_ids)`` scored tokens in ``stats``.
         """
 
-    async def sample(
-        self, prompt_ids: Sequence[int], spec: SamplingSpec, stats: EngineStats
-    ) -> Continuation:
+    async def sample(self, prompt_ids: Sequence[int], spec: SamplingSpec, stats: EngineStats) -> Continuation:
         """Draw a whole continuation with both log p and log q for every token.
 
         1. Generate with ``spec``, keeping each token's log q (and log p when free).
@@ -156,7 +150,7 @@ class Engine(abc.ABC):
         """Extra Prometheus exposition text the engine contributes to ``/metrics``."""
         return ""
 
-    async def check_health(self) -> None:
+    async def check_health(self) -> None:  # noqa: B027 (optional hook)
         """Raise if the engine cannot serve."""
 
     @abc.abstractmethod

@@ -1,0 +1,189 @@
+"""The HTTP application: routes, authentication, error handlers, start-up and shut-down.
+
+This is the only module that imports FastAPI's app machinery; endpoints delegate to
+``powerserve.serving``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from powerserve import __version__
+from powerserve.engine.base import Engine
+from powerserve.errors import AuthenticationError, PowerserveError, RequestCancelled, error_body
+from powerserve.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DecoderCard,
+    DecoderList,
+    ModelCard,
+    ModelList,
+)
+from powerserve.serving.chat import create_chat_completion, stream_chat_completion
+from powerserve.serving.completions import create_completion, stream_completion
+from powerserve.serving.state import ServerState
+from powerserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """Build the app. Without ``engine`` the lifespan starts one from ``settings`` (and shuts it
+    down at exit); tests pass a ready engine."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = engine is None
+        if engine is None:
+            from powerserve.engine.factory import start_engine
+
+            eng = await start_engine(settings)
+        else:
+            eng = engine
+        app.state.powerserve = ServerState.build(settings, eng, settings.served_model_name or eng.model_name)
+        log.info("serving %s on the %s engine", app.state.powerserve.model_name, eng.name)
+        try:
+            yield
+        finally:
+            if owned:
+                await eng.shutdown()
+
+    app = FastAPI(
+        title="powerserve",
+        version=__version__,
+        description="OpenAI-compatible inference server for power sampling. Choose a decoder per "
+        "request with the `decoder` field or the model alias `<model>:<decoder>`.",
+        lifespan=lifespan,
+    )
+    _install_error_handlers(app)
+    _install_routes(app, settings)
+    return app
+
+
+def get_state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.powerserve
+    return state
+
+
+State = Annotated[ServerState, Depends(get_state)]
+
+
+def _check_api_key(settings: Settings) -> Any:
+    async def check(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), settings.api_key):
+            raise AuthenticationError(
+                "Missing or incorrect API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
+            )
+
+    return Depends(check)
+
+
+def _install_routes(app: FastAPI, settings: Settings) -> None:
+    auth = [_check_api_key(settings)]
+
+    @app.get("/health", tags=["ops"])
+    async def health(state: State) -> dict[str, str]:
+        await state.engine.check_health()
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics_endpoint() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=auth, response_model=ModelList)
+    async def list_models(state: State) -> ModelList:
+        names = [state.model_name] + [f"{state.model_name}:{d}" for d in state.decoders]
+        return ModelList(data=[ModelCard(id=n) for n in names])
+
+    @app.get("/v1/decoders", dependencies=auth, response_model=DecoderList)
+    async def list_decoders(state: State) -> DecoderList:
+        cards = []
+        from powerserve.decoders.registry import DECODERS
+
+        for name, cls in DECODERS.items():
+            model = cls.params_model
+            defaults = {k: f.default for k, f in model.model_fields.items()}
+            cards.append(
+                DecoderCard(
+                    name=name,
+                    description=cls.description,
+                    streams_tokens=cls.streams_tokens,
+                    parameters=model.model_json_schema(),
+                    defaults=defaults,
+                    available=name in state.decoders,
+                    unavailable_reason=state.unavailable.get(name),
+                )
+            )
+        return DecoderList(data=cards)
+
+    @app.post("/v1/completions", dependencies=auth, response_model=CompletionResponse)
+    async def completions(body: CompletionRequest, request: Request, state: State) -> Any:
+        if body.stream:
+            return StreamingResponse(
+                stream_completion(state, body), media_type="text/event-stream", headers=SSE_HEADERS
+            )
+        return await create_completion(state, body, request)
+
+    @app.post("/v1/chat/completions", dependencies=auth, response_model=ChatCompletionResponse)
+    async def chat_completions(body: ChatCompletionRequest, request: Request, state: State) -> Any:
+        if body.stream:
+            return StreamingResponse(
+                stream_chat_completion(state, body), media_type="text/event-stream", headers=SSE_HEADERS
+            )
+        return await create_chat_completion(state, body, request)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PowerserveError)
+    async def on_powerserve_error(request: Request, exc: PowerserveError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            message, param = "The request body is not valid JSON.", None
+        else:
+            message = f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}"
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    @app.exception_handler(RequestCancelled)
+    async def on_cancelled(request: Request, exc: RequestCancelled) -> Response:
+        # The client is gone; nobody reads this. 499 is nginx's "client closed request".
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse(error_body("internal server error", "internal_error"), status_code=500)
+
+
+def openapi_json(app: FastAPI) -> str:
+    return json.dumps(app.openapi(), indent=2)

@@ -1,0 +1,64 @@
+"""``powerserve`` command line. ``powerserve serve --help`` lists every option; each option
+``--some-name`` is also read from the environment variable ``POWERSERVE_SOME_NAME``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+from typing import Any, Literal
+
+from powerserve.settings import Settings
+
+
+def _settings_options(parser: argparse.ArgumentParser) -> None:
+    """One option per Settings field, typed from its annotation (the settings object is the
+    single source of truth; the CLI only overrides what the user passes)."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = "POWERSERVE_" + name.upper()
+        help_text = f"{field.description or ''} [env {env}]".strip()
+        annotation = field.annotation
+        args = typing.get_args(annotation)
+        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+            annotation = next(a for a in args if a is not type(None))
+        if annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(annotation) is Literal:
+            parser.add_argument(flag, choices=typing.get_args(annotation), default=None, help=help_text)
+        else:
+            kind: Any = annotation if annotation in (int, float) else str
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(ns).items() if k in Settings.model_fields and v is not None}
+
+
+def serve(ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    from powerserve.app import create_app
+
+    settings = Settings(**_overrides(ns))
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_keep_alive=30)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="powerserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    _settings_options(p_serve)
+    p_serve.set_defaults(func=serve)
+    ns = parser.parse_args(argv)
+    result: int = ns.func(ns)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""``POST /v1/chat/completions``: the model's chat template, then the completion path."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from powerserve.errors import BadRequestError
+from powerserve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    DeltaMessage,
+    TopLogprob,
+)
+from powerserve.serving.plan import build_plan
+from powerserve.serving.runner import ChoiceResult, Delta, Outcome, Runner
+from powerserve.serving.state import ServerState
+from powerserve.serving.streaming import cancel_on_disconnect, stream_events
+
+
+def _prompt_ids(state: ServerState, body: ChatCompletionRequest) -> tuple[int, ...]:
+    tok = state.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise BadRequestError("this model has no chat template; use /v1/completions", param="messages")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tok.encode(text, add_special_tokens=False)
+    return tuple(ids)
+
+
+def _runner(state: ServerState, body: ChatCompletionRequest) -> Runner:
+    if body.stream and body.logprobs:
+        raise BadRequestError("logprobs are not supported with stream=true", param="logprobs")
+    if body.top_logprobs and not body.logprobs:
+        raise BadRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+    k = (body.top_logprobs or 0) if body.logprobs else None
+    plan = build_plan(state, body, [_prompt_ids(state, body)], body.requested_max_tokens(), k)
+    return Runner(state, plan)
+
+
+async def create_chat_completion(
+    state: ServerState, body: ChatCompletionRequest, request: Request
+) -> ChatCompletionResponse:
+    runner = _runner(state, body)
+    outcome = await cancel_on_disconnect(request, runner.run())
+    return ChatCompletionResponse(
+        model=body.model,
+        choices=[
+            ChatChoice(
+                index=c.index,
+                message=AssistantMessage(content=c.text),
+                logprobs=_logprobs(state, c) if body.logprobs else None,
+                finish_reason=c.finish_reason,
+            )
+            for c in outcome.choices
+        ],
+        usage=outcome.usage(),
+        powerserve=outcome.info,
+    )
+
+
+def stream_chat_completion(state: ServerState, body: ChatCompletionRequest) -> AsyncIterator[str]:
+    runner = _runner(state, body)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    started: set[int] = set()
+
+    def chunk(choices: list[ChatChunkChoice], **extra: object) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=rid, created=created, model=body.model, choices=choices, **extra)  # type: ignore[arg-type]
+
+    def delta_chunk(d: Delta) -> ChatCompletionChunk:
+        role = None if d.index in started else "assistant"
+        started.add(d.index)
+        return chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(role=role, content=d.text))])
+
+    def final_chunks(outcome: Outcome, finishes: list[Delta]) -> list[ChatCompletionChunk]:
+        out = []
+        for d in finishes:
+            role = None if d.index in started else "assistant"
+            out.append(
+                chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(role=role), finish_reason=d.finish_reason)])
+            )
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        if include_usage:
+            out.append(chunk([], usage=outcome.usage(), powerserve=outcome.info))
+        elif out:
+            out[-1].powerserve = outcome.info
+        return out
+
+    return stream_events(runner, delta_chunk, final_chunks)
+
+
+def _logprobs(state: ServerState, choice: ChoiceResult) -> ChatLogprobs:
+    tok = state.tokenizer
+
+    def entry(token_id: int, logprob: float) -> TopLogprob:
+        text = tok.decode([token_id])
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    content = []
+    for pos, (token_id, logprob) in enumerate(zip(choice.token_ids, choice.logp, strict=True)):
+        base = entry(token_id, logprob)
+        tops = [entry(t, lp) for t, lp in choice.top[pos].items()] if choice.top is not None else []
+        content.append(ChatTokenLogprob(**base.model_dump(), top_logprobs=tops))
+    return ChatLogprobs(content=content)

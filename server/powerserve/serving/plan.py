@@ -1,0 +1,179 @@
+"""From a validated OpenAI request to a plan of sequences to decode.
+
+Everything a client can get wrong that pydantic cannot see on its own is checked here, before
+any engine work starts: the model name (and its ``<model>:<decoder>`` alias), the decoder and
+its parameters, prompt length against the context, ``n`` and ``max_tokens`` caps, and the
+engine-token ceiling. Each failure is a :class:`BadRequestError` or :class:`NotFoundError`
+naming the offending parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams, OpenAISampling
+from powerserve.errors import BadRequestError, NotFoundError
+from powerserve.protocol import DecoderChoice, _SamplingRequest
+from powerserve.serving.state import ServerState
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    decoder: Decoder
+    params: DecoderParams
+    prompts: list[tuple[int, ...]]
+    n: int
+    max_tokens: int
+    seed: int | None
+    sampling: OpenAISampling
+    stop: list[str]
+    logprobs: int | None  # None: no logprobs; k: the sampled token's and the top k
+
+    def sequences(self) -> list[tuple[int, DecodeRequest]]:
+        """(choice index, request) for each sequence: prompt-major, n per prompt.
+
+        With a seed, choice i uses seed + i, so each choice is reproducible and distinct.
+        """
+        out = []
+        for p, prompt in enumerate(self.prompts):
+            for j in range(self.n):
+                index = p * self.n + j
+                seed = None if self.seed is None else (self.seed + index) % 2**63
+                out.append((index, DecodeRequest(prompt, self.max_tokens, seed, self.sampling, self.params)))
+        return out
+
+
+def resolve_model(state: ServerState, model: str, decoder: str | DecoderChoice | None) -> tuple[str, dict[str, Any]]:
+    """Return (decoder name, raw decoder parameters) from the model alias and the decoder field."""
+    alias_decoder: str | None = None
+    if model != state.model_name:
+        base, sep, suffix = model.rpartition(":")
+        if not sep or base != state.model_name:
+            raise NotFoundError(
+                f"The model '{model}' does not exist. Served: '{state.model_name}', or "
+                f"'{state.model_name}:<decoder>' with a decoder from /v1/decoders.",
+                param="model",
+                code="model_not_found",
+            )
+        alias_decoder = suffix
+    if isinstance(decoder, DecoderChoice):
+        name, raw = decoder.name, decoder.params()
+    else:
+        name, raw = (decoder or alias_decoder or "standard"), {}
+    if alias_decoder is not None and name != alias_decoder:
+        raise BadRequestError(
+            f"The model alias selects decoder '{alias_decoder}' but the request's decoder is '{name}'.",
+            param="decoder",
+        )
+    return name, raw
+
+
+def resolve_decoder(state: ServerState, name: str, raw: dict[str, Any]) -> tuple[Decoder, DecoderParams]:
+    if name in state.unavailable:
+        raise BadRequestError(f"Decoder '{name}' is not available: {state.unavailable[name]}", param="decoder")
+    decoder = state.decoders.get(name)
+    if decoder is None:
+        valid = ", ".join(sorted([*state.decoders, *state.unavailable]))
+        raise BadRequestError(f"Unknown decoder '{name}'. Valid decoders: {valid}.", param="decoder")
+    try:
+        params = decoder.params_model.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "decoder"
+        valid = ", ".join(decoder.params_model.model_fields) or "(none)"
+        raise BadRequestError(
+            f"Invalid parameter '{field}' for decoder '{name}': {err['msg']}. Parameters of '{name}': {valid}.",
+            param=f"decoder.{field}",
+        ) from None
+    return decoder, params
+
+
+def tokenize_prompts(
+    state: ServerState, prompt: str | list[str] | list[int] | list[list[int]]
+) -> list[tuple[int, ...]]:
+    vocab = _vocab_size(state)
+    if isinstance(prompt, str):
+        prompts: list[list[int]] = [state.tokenizer.encode(prompt)]
+    elif not prompt:
+        raise BadRequestError("prompt must not be empty", param="prompt")
+    elif all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]  # type: ignore[arg-type]
+    elif all(isinstance(p, str) for p in prompt):
+        prompts = [state.tokenizer.encode(p) for p in prompt]  # type: ignore[arg-type]
+    else:
+        prompts = [list(p) for p in prompt]  # type: ignore[arg-type]
+    for ids in prompts:
+        if not ids:
+            raise BadRequestError("prompt must contain at least one token", param="prompt")
+        if vocab is not None and any(not 0 <= t < vocab for t in ids):
+            raise BadRequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
+    return [tuple(ids) for ids in prompts]
+
+
+def _vocab_size(state: ServerState) -> int | None:
+    tok = state.tokenizer
+    return len(tok) if tok is not None else None
+
+
+def build_plan(
+    state: ServerState,
+    request: _SamplingRequest,
+    prompts: list[tuple[int, ...]],
+    requested_max_tokens: int | None,
+    logprobs: int | None,
+) -> Plan:
+    settings = state.settings
+    name, raw = resolve_model(state, request.model, request.decoder)
+    decoder, params = resolve_decoder(state, name, raw)
+    if request.n > settings.max_n:
+        raise BadRequestError(f"n must be at most {settings.max_n} on this server", param="n")
+    if len(prompts) * request.n > settings.max_n:
+        raise BadRequestError(f"prompts x n must be at most {settings.max_n} on this server", param="n")
+    context = state.engine.max_model_len
+    longest = max(len(p) for p in prompts)
+    if longest >= context:
+        raise BadRequestError(
+            f"This model's maximum context length is {context} tokens; the prompt has {longest}.",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    if requested_max_tokens is None:
+        max_tokens = min(settings.default_max_tokens, context - longest)
+    else:
+        max_tokens = requested_max_tokens
+        if max_tokens > settings.max_tokens_limit:
+            raise BadRequestError(
+                f"max_tokens must be at most {settings.max_tokens_limit} on this server", param="max_tokens"
+            )
+        if longest + max_tokens > context:
+            raise BadRequestError(
+                f"This model's maximum context length is {context} tokens; the prompt ({longest}) plus "
+                f"max_tokens ({max_tokens}) exceeds it.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+    sequences = len(prompts) * request.n
+    expected = decoder.expected_cost(params, max_tokens) * sequences
+    if expected > settings.max_engine_tokens_per_request:
+        raise BadRequestError(
+            f"This request may cost up to {expected:.0f} engine tokens with decoder '{name}'; the server "
+            f"allows {settings.max_engine_tokens_per_request} per request. Lower max_tokens, n or the "
+            "decoder's step parameters.",
+            param="max_tokens",
+            code="engine_token_limit",
+        )
+    top_k = 0 if request.top_k in (0, -1) else request.top_k
+    return Plan(
+        decoder=decoder,
+        params=params,
+        prompts=prompts,
+        n=request.n,
+        max_tokens=max_tokens,
+        seed=request.seed,
+        sampling=OpenAISampling(temperature=request.temperature, top_p=request.top_p, top_k=top_k),
+        stop=request.stop_list(),
+        logprobs=logprobs,
+    )

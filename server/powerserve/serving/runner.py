@@ -1,0 +1,198 @@
+"""Running a plan: where serving meets a decoder.
+
+For every choice it drives the decoder, detokenises and applies stop strings, measures
+the self-reward of the returned tokens under the base model (scoring them if the decoder did
+not already carry raw log-probabilities), and at the end records the request's cost and
+outcome in the Prometheus series. Streaming and non-streaming responses share this path;
+streaming just listens to the deltas as they come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from powerserve import metrics
+from powerserve.decoders.base import DecodeRequest
+from powerserve.engine.base import EngineStats, FinishReason
+from powerserve.protocol import ChoiceCost, PowerserveInfo, SelfReward, Usage
+from powerserve.serving.plan import Plan
+from powerserve.serving.state import ServerState
+from powerserve.text import Detokenizer
+
+
+@dataclass(slots=True)
+class Delta:
+    """New final text of one choice; ``finish_reason`` is set on its last delta."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(slots=True)
+class ChoiceResult:
+    index: int
+    prompt_tokens: int
+    token_ids: list[int]
+    logp: list[float]
+    text: str
+    finish_reason: FinishReason
+    stats: EngineStats
+    top: list[dict[int, float]] | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    choices: list[ChoiceResult]
+    info: PowerserveInfo
+    prompt_tokens: int
+    completion_tokens: int
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+        )
+
+
+@dataclass
+class Runner:
+    """Executes one plan. ``on_delta`` (if given) receives text as soon as it is final."""
+
+    state: ServerState
+    plan: Plan
+    on_delta: Callable[[Delta], None] | None = None
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return (self.plan.decoder.name, self.state.model_name)
+
+    async def run(self) -> Outcome:
+        running = metrics.REQUESTS_RUNNING.labels(*self.labels)
+        running.inc()
+        try:
+            results = await self._run_all()
+        except asyncio.CancelledError:
+            metrics.REQUESTS.labels(*self.labels, "cancelled").inc()
+            raise
+        except Exception:
+            metrics.REQUESTS.labels(*self.labels, "error").inc()
+            raise
+        finally:
+            running.dec()
+        outcome = self._summarise(results)
+        self._record(outcome)
+        return outcome
+
+    async def _run_all(self) -> list[ChoiceResult]:
+        sequences = self.plan.sequences()
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self._run_choice(index, request)) for index, request in sequences]
+        return sorted((t.result() for t in tasks), key=lambda r: r.index)
+
+    async def _run_choice(self, index: int, request: DecodeRequest) -> ChoiceResult:
+        engine = self.state.engine
+        stats = EngineStats()
+        detok = Detokenizer(self.state.tokenizer, self.plan.stop, self.state.special_ids)
+        steps = []
+        agen = self.plan.decoder.decode(request, stats)
+        try:
+            async for step in agen:
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                steps.append(step)
+                text = detok.add(step.token_id)
+                if text:
+                    self._emit(Delta(index, text, [step.token_id]))
+                if detok.stopped:
+                    break
+        finally:
+            await agen.aclose()  # type: ignore[attr-defined]
+        ids = [s.token_id for s in steps]
+        reason: FinishReason = "stop" if detok.stopped else engine.finish_reason(ids, request.max_tokens)
+        self._emit(Delta(index, detok.finish(), [], reason))
+
+        known = [s.logp for s in steps]
+        if all(v is not None for v in known):
+            logp = [float(v) for v in known if v is not None]
+        else:
+            logp = await engine.score(request.prompt_ids, ids, stats)
+        top = None
+        if self.plan.logprobs and ids:
+            top = await engine.top_logprobs(request.prompt_ids, ids, self.plan.logprobs, stats)
+        return ChoiceResult(index, len(request.prompt_ids), ids, logp, detok.text, reason, stats, top)
+
+    def _emit(self, delta: Delta) -> None:
+        if self.on_delta is not None and (delta.text or delta.finish_reason):
+            self.on_delta(delta)
+
+    def _summarise(self, results: list[ChoiceResult]) -> Outcome:
+        wall = time.perf_counter() - self.started
+        completion = sum(len(r.token_ids) for r in results)
+        generated = sum(r.stats.tokens_generated for r in results)
+        scored = sum(r.stats.tokens_scored for r in results)
+        decoder_stats: dict[str, float] = {}
+        for r in results:
+            for key, value in r.stats.extra.items():
+                decoder_stats[key] = decoder_stats.get(key, 0.0) + value
+        if "proposals" in decoder_stats:  # rates are recomputed from the sums, not summed
+            proposals = decoder_stats["proposals"]
+            accepted = decoder_stats.get("accepted_proposals", 0.0)
+            decoder_stats["acceptance_rate"] = accepted / proposals if proposals else 0.0
+        info = PowerserveInfo(
+            decoder=self.plan.decoder.name,
+            params=self.plan.params.model_dump(),
+            engine=self.state.engine.name,
+            engine_calls=sum(r.stats.calls for r in results),
+            tokens_generated=generated,
+            tokens_scored=scored,
+            wall_time_s=round(wall, 6),
+            cost_multiplier=(generated + scored) / completion if completion else None,
+            self_reward=_self_reward([x for r in results for x in r.logp]),
+            decoder_stats=decoder_stats,
+            choices=[
+                ChoiceCost(index=r.index, self_reward=_self_reward(r.logp), decoder_stats=dict(r.stats.extra))
+                for r in results
+            ],
+        )
+        prompt_tokens = sum(len(p) for p in self.plan.prompts)
+        return Outcome(results, info, prompt_tokens, completion)
+
+    def _record(self, outcome: Outcome) -> None:
+        labels = self.labels
+        info = outcome.info
+        metrics.REQUESTS.labels(*labels, "success").inc()
+        metrics.LATENCY.labels(*labels).observe(info.wall_time_s)
+        if self.first_token_at is not None:
+            metrics.TTFT.labels(*labels).observe(self.first_token_at - self.started)
+        metrics.OUTPUT_TOKENS.labels(*labels).inc(outcome.completion_tokens)
+        metrics.PROMPT_TOKENS.labels(*labels).inc(outcome.prompt_tokens)
+        metrics.ENGINE_TOKENS_GENERATED.labels(*labels).inc(info.tokens_generated)
+        metrics.ENGINE_TOKENS_SCORED.labels(*labels).inc(info.tokens_scored)
+        metrics.ENGINE_CALLS.labels(*labels).inc(info.engine_calls)
+        if info.cost_multiplier is not None:
+            metrics.COST_MULTIPLIER.labels(*labels).observe(info.cost_multiplier)
+        for choice in outcome.choices:
+            if choice.logp:
+                metrics.SELF_REWARD.labels(*labels).observe(math.fsum(choice.logp) / len(choice.logp))
+            extra = choice.stats.extra
+            if "tokens_proposed" in extra:
+                metrics.TOKENS_PROPOSED.labels(*labels).inc(extra["tokens_proposed"])
+                metrics.TOKENS_ACCEPTED.labels(*labels).inc(extra.get("tokens_accepted", 0.0))
+            if extra.get("proposals"):
+                metrics.ACCEPTANCE_RATE.labels(*labels).observe(
+                    extra.get("accepted_proposals", 0.0) / extra["proposals"]
+                )
+
+
+def _self_reward(logp: list[float]) -> SelfReward:
+    total = math.fsum(logp)
+    return SelfReward(sum_logprob=total, mean_logprob=total / len(logp) if logp else None, tokens=len(logp))

@@ -1,0 +1,98 @@
+"""Server-sent events and client-disconnect handling shared by the endpoints.
+
+A stream sends text as soon as a choice makes it final, holds the finish chunks until the
+request's cost is known (so the last one can carry the ``powerserve`` object), sends a usage
+chunk when asked, and always ends with ``data: [DONE]``. While a decoder that cannot stream
+(``power_mcmc``) is still running, SSE comments keep the connection alive. An error inside a
+stream becomes an OpenAI-shaped error event, then ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel
+
+from powerserve.errors import PowerserveError, RequestCancelled, error_body
+from powerserve.serving.runner import Delta, Outcome, Runner
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_S = 5.0
+DISCONNECT_POLL_S = 0.2
+T = TypeVar("T")
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    body = payload.model_dump_json() if isinstance(payload, BaseModel) else _json(payload)
+    return f"data: {body}\n\n"
+
+
+def _json(payload: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(payload)
+
+
+async def stream_events(
+    runner: Runner,
+    delta_chunk: Callable[[Delta], BaseModel],
+    final_chunks: Callable[[Outcome, list[Delta]], Sequence[BaseModel]],
+) -> AsyncIterator[str]:
+    """Drive ``runner`` and yield SSE lines. Cancelling the consumer cancels the engine work."""
+    queue: asyncio.Queue[Delta | None] = asyncio.Queue()
+    runner.on_delta = queue.put_nowait
+    task = asyncio.create_task(runner.run())
+    task.add_done_callback(lambda _: queue.put_nowait(None))
+    finishes: list[Delta] = []
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), timeout=KEEPALIVE_S)
+            except TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            if item is None:
+                break
+            if item.finish_reason is not None:
+                if item.text:
+                    yield sse(delta_chunk(Delta(item.index, item.text, item.token_ids)))
+                finishes.append(item)
+            else:
+                yield sse(delta_chunk(item))
+        outcome = task.result()
+        for chunk in final_chunks(outcome, sorted(finishes, key=lambda d: d.index)):
+            yield sse(chunk)
+    except PowerserveError as exc:
+        yield sse(exc.body())
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("error inside a stream")
+        yield sse(error_body("internal error while decoding", "internal_error"))
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    yield "data: [DONE]\n\n"
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise RequestCancelled()
+    finally:
+        if not task.done():
+            task.cancel()
