@@ -94,8 +94,12 @@ class Runner:
 
     async def _run_all(self) -> list[ChoiceResult]:
         sequences = self.plan.sequences()
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self._run_choice(index, request)) for index, request in sequences]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._run_choice(index, request)) for index, request in sequences]
+        except ExceptionGroup as group_error:
+            # One failed choice fails the request (the others were cancelled): report its error.
+            raise group_error.exceptions[0] from None
         return sorted((t.result() for t in tasks), key=lambda r: r.index)
 
     async def _run_choice(self, index: int, request: DecodeRequest) -> ChoiceResult:
