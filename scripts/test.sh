@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Everything CI checks, from a fresh machine: set-up, lint, type check, the whole test suite.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -m "not slow"`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# The dashboard test drives a real browser: Debian's chromium (installed here when missing).
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+. .venv/bin/activate
+echo "== ruff" && ruff check . && ruff format --check .
+echo "== mypy" && mypy
+echo "== pytest"
+python -m pytest -q -ra --durations=15 "$@"
