@@ -1,0 +1,258 @@
+"""The production engine: a model held by vLLM's ``AsyncLLM``, through public vLLM APIs only.
+
+Both log-probabilities decoders need come out of vLLM without patching it:
+
+- ``logq``: the engine runs with ``logprobs_mode="processed_logprobs"`` (an engine-wide
+  setting), so the log-probability vLLM reports for each sampled token is taken after
+  temperature, top-k and top-p, i.e. under the distribution the token was drawn from.
+- ``logp``: :meth:`VllmEngine.score` sends prompt + tokens as a prompt with
+  ``prompt_logprobs=0``; vLLM computes prompt log-probabilities from the raw logits whatever
+  the logprobs mode, so they are log p under the raw model.
+
+vLLM batches concurrent requests from many asyncio tasks itself; breaking out of, closing or
+cancelling :meth:`VllmEngine.generate` closes vLLM's own request stream, which aborts the
+request in the engine core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+from powerserve.engine.base import Engine, EngineStats, SamplingSpec, TokenStep
+
+log = logging.getLogger(__name__)
+
+# On a CPU "GPU memory" is the share of host memory vLLM reserves for the KV cache; its default
+# (0.92) refuses to start on a machine that also runs anything else.
+CPU_MEMORY_UTILIZATION = 0.3
+
+
+class VllmEngine(Engine):
+    """An :class:`Engine` backed by ``vllm.v1.engine.async_llm.AsyncLLM``."""
+
+    name = "vllm"
+
+    def __init__(
+        self, llm: Any, tokenizer: Any, *, model_name: str, max_model_len: int, eos_token_ids: Iterable[int]
+    ) -> None:
+        self.llm: Any = llm  # None once shut down
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self._stop_token_ids = sorted(self.eos_token_ids)
+
+    @classmethod
+    async def start(
+        cls,
+        path: str,
+        *,
+        model_name: str,
+        max_model_len: int,
+        dtype: str = "auto",
+        gpu_memory_utilization: float | None = None,
+        enforce_eager: bool = False,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        seed: int = 0,
+    ) -> VllmEngine:
+        """Load ``path`` (a checkpoint directory or hub name) into a new vLLM engine.
+
+        Blocks the event loop while vLLM starts (tens of seconds; its engine core runs in a
+        spawned process, so the calling script needs an ``if __name__ == "__main__"`` guard):
+        this runs once, before the server takes requests, and ``AsyncLLM`` must be built
+        inside the event loop that will drive it.
+        """
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        on_cpu = current_platform.is_cpu()
+        if dtype == "auto" and on_cpu:
+            dtype = "float32"  # CPU kernels are exact in float32; bf16 changes log p visibly
+        if gpu_memory_utilization is None and on_cpu:
+            gpu_memory_utilization = CPU_MEMORY_UTILIZATION
+        extra: dict[str, Any] = {}
+        if gpu_memory_utilization is not None:
+            extra["gpu_memory_utilization"] = gpu_memory_utilization
+        args = AsyncEngineArgs(
+            model=path,
+            served_model_name=[model_name],  # the label on vLLM's own Prometheus metrics
+            max_model_len=max_model_len,
+            dtype=dtype,  # type: ignore[arg-type]
+            enforce_eager=enforce_eager,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            seed=seed,
+            enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",
+            disable_log_stats=False,  # keeps vLLM's Prometheus stat logger on
+            **extra,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        eos = eos_token_ids(path, tokenizer)
+        log.info("starting vLLM on %s (dtype=%s, max_model_len=%d)", path, dtype, max_model_len)
+        # No local name for the AsyncLLM: vLLM's start-up leaves a reference to this frame
+        # behind, and a local here would keep the engine from being collected after shutdown.
+        return cls(
+            AsyncLLM.from_engine_args(args),
+            tokenizer,
+            model_name=model_name,
+            max_model_len=max_model_len,
+            eos_token_ids=eos,
+        )
+
+    async def generate(
+        self, prompt_ids: Sequence[int], spec: SamplingSpec, stats: EngineStats
+    ) -> AsyncIterator[TokenStep]:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        params = SamplingParams(
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=spec.top_k,  # 0 disables top-k in vLLM as in SamplingSpec
+            seed=spec.seed,
+            logprobs=0,  # only the sampled token's (processed) log-probability
+            # vLLM's own EOS rule (tokenizer + generation config) is switched off for ours, so
+            # it stops on exactly the tokens that finish_reason() calls "stop"; a stop token
+            # stays in the output token ids.
+            ignore_eos=True,
+            stop_token_ids=self._stop_token_ids,
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        stats.calls += 1
+        raw = spec.is_raw
+        stream = self._llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, _request_id())
+        try:
+            async for out in stream:
+                completion = out.outputs[0]
+                # DELTA outputs carry the tokens sampled since the last output (usually one).
+                logprobs = completion.logprobs or []
+                for token_id, entry in zip(completion.token_ids, logprobs, strict=True):
+                    logq = float(entry[token_id].logprob)
+                    stats.tokens_generated += 1
+                    yield TokenStep(token_id, logq, logq if raw else None)
+        finally:
+            # Closing vLLM's stream before it finished aborts the request in the engine core;
+            # after a normal finish this is a no-op.
+            await stream.aclose()
+
+    async def score(self, prompt_ids: Sequence[int], token_ids: Sequence[int], stats: EngineStats) -> list[float]:
+        stats.calls += 1
+        stats.tokens_scored += len(token_ids)
+        if not token_ids:
+            return []
+        entries = await self._prompt_logprobs(prompt_ids, token_ids, top_k=0)
+        return [float(entry[token].logprob) for entry, token in zip(entries, token_ids, strict=True)]
+
+    async def top_logprobs(
+        self, prompt_ids: Sequence[int], token_ids: Sequence[int], k: int, stats: EngineStats
+    ) -> list[dict[int, float]]:
+        stats.calls += 1
+        stats.tokens_scored += len(token_ids)
+        if not token_ids:
+            return []
+        entries = await self._prompt_logprobs(prompt_ids, token_ids, top_k=k)
+        top = [sorted(entry.items(), key=lambda item: -item[1].logprob)[:k] for entry in entries]
+        return [{token: float(lp.logprob) for token, lp in row} for row in top]
+
+    async def _prompt_logprobs(
+        self, prompt_ids: Sequence[int], token_ids: Sequence[int], top_k: int
+    ) -> list[dict[int, Any]]:
+        """vLLM's log-probability entries (raw model) at each position of ``token_ids``.
+
+        One prefill of prompt + tokens with ``prompt_logprobs=top_k``: each entry holds the
+        token itself and the ``top_k`` most likely tokens. vLLM refuses a prompt that fills
+        the whole context (it must sample at least one token), so a sequence of exactly
+        ``max_model_len`` tokens is sent without its last token, whose entry then comes from
+        the sampled position (temperature 1, no truncation, so processed = raw): there it
+        holds the token itself when ``top_k == 0``, else the ``top_k`` most likely tokens.
+        """
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        if not prompt_ids:
+            raise ValueError("the prompt must hold at least one token")
+        ids = [*prompt_ids, *token_ids]
+        last: dict[str, Any] = {}
+        whole_context = len(ids) >= self.max_model_len
+        if whole_context:
+            ids.pop()
+            last = {"logprobs": top_k} if top_k else {"logprob_token_ids": [token_ids[-1]]}
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=1.0,
+            prompt_logprobs=top_k,
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            **last,
+        )
+        final = None
+        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, _request_id()):
+            final = out
+        assert final is not None and final.prompt_logprobs is not None
+        entries = list(final.prompt_logprobs[len(prompt_ids) :])
+        if whole_context:
+            entries.append(final.outputs[0].logprobs[0])
+        assert len(entries) == len(token_ids)
+        return entries
+
+    def num_unfinished_requests(self) -> int:
+        """Requests vLLM still holds (running or queued)."""
+        return int(self._llm.get_num_unfinished_requests())
+
+    async def check_health(self) -> None:
+        await self._llm.check_health()
+
+    async def shutdown(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        llm.shutdown()
+        # Collect the AsyncLLM now (it sits in reference cycles): its __del__ shuts down again,
+        # a no-op while the interpreter is whole, an error message during interpreter teardown.
+        del llm
+        gc.collect()
+
+    @property
+    def _llm(self) -> Any:
+        if self.llm is None:
+            raise RuntimeError("the vLLM engine has been shut down")
+        return self.llm
+
+    # vLLM's own metrics (``vllm:*``) are registered in prometheus_client's global REGISTRY
+    # of this process, which /metrics exports: metrics_text() has nothing to add.
+
+
+def eos_token_ids(path: str, tokenizer: Any) -> set[int]:
+    """End-of-sequence ids, chosen as the torch engine chooses them: the union of those in the
+    generation config and the model config (an int or a list), else the tokenizer's."""
+    from transformers import AutoConfig, GenerationConfig
+
+    ids = _as_ids(getattr(AutoConfig.from_pretrained(path), "eos_token_id", None))
+    with contextlib.suppress(OSError):  # no generation_config.json
+        ids |= _as_ids(GenerationConfig.from_pretrained(path).eos_token_id)
+    if not ids:
+        ids = _as_ids(getattr(tokenizer, "eos_token_id", None))
+    return ids
+
+
+def _as_ids(value: int | Sequence[int] | None) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}
+
+
+def _request_id() -> str:
+    return f"ps-{uuid.uuid4().hex}"

@@ -1,0 +1,297 @@
+"""The vLLM engine on the embedded checkpoint, checked against a plain transformers forward.
+
+One engine is started for the whole module (about 45 s on the 2-core build machine, eager
+mode); every test shares it on a module-scoped event loop. Agreement tolerances: 1e-3 in
+log-probability (measured differences are about 1e-5 in float32).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import prometheus_client
+import pytest
+import pytest_asyncio
+import torch
+
+from powerserve.engine.base import EngineStats, SamplingSpec
+from powerserve.engine.vllm_engine import VllmEngine
+from powerserve.model_store import EMBEDDED_NAME, ensure_embedded_checkpoint
+
+pytest.importorskip("vllm")
+
+pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
+
+TOL = 1e-3
+MAX_MODEL_LEN = 256
+TEXT = "The history of the printing press begins in"
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> str:
+    return str(ensure_embedded_checkpoint())
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(checkpoint: str) -> AsyncIterator[VllmEngine]:
+    eng = await VllmEngine.start(
+        checkpoint, model_name=EMBEDDED_NAME, max_model_len=MAX_MODEL_LEN, enforce_eager=True, seed=0
+    )
+    yield eng
+    await eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf_model(checkpoint: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+def reference_logits(model: Any, prompt: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+    """Raw log p over the vocabulary at each position that predicts one of ``tokens``: [T, V]."""
+    ids = torch.tensor([[*prompt, *tokens]])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()  # [S, V]
+    return torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+
+
+def tempered(logp: torch.Tensor, temperature: float, top_k: int = 0) -> torch.Tensor:
+    """log q: log softmax(log p / temperature), restricted to the top-k tokens when top_k > 0."""
+    scaled = logp / temperature
+    if top_k:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, -math.inf)
+    return torch.log_softmax(scaled, dim=-1)
+
+
+def pick(logprobs: torch.Tensor, tokens: Sequence[int]) -> list[float]:
+    return logprobs[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+
+
+def max_diff(a: Sequence[float], b: Sequence[float]) -> float:
+    assert len(a) == len(b)
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def text_prompt(engine: VllmEngine) -> list[int]:
+    return list(engine.tokenizer.encode(TEXT))
+
+
+def chat_prompt(engine: VllmEngine, question: str) -> list[int]:
+    text = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
+    return list(engine.tokenizer.encode(text))
+
+
+async def collect(engine: VllmEngine, prompt: Sequence[int], spec: SamplingSpec) -> tuple[list[int], list[float]]:
+    steps = [s async for s in engine.generate(prompt, spec, EngineStats())]
+    return [s.token_id for s in steps], [s.logq for s in steps]
+
+
+async def wait_idle(engine: VllmEngine) -> None:
+    """Return once vLLM holds no request; fail if it still holds one after 10 s."""
+    for _ in range(500):
+        if engine.num_unfinished_requests() == 0:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail("vLLM still holds the request after 10 s")
+
+
+async def test_attributes(engine: VllmEngine) -> None:
+    assert engine.name == "vllm"
+    assert engine.model_name == EMBEDDED_NAME
+    assert engine.max_model_len == MAX_MODEL_LEN
+    assert engine.tokenizer.convert_tokens_to_ids("<|im_end|>") in engine.eos_token_ids
+    await engine.check_health()
+
+
+async def test_logq_is_tempered_log_softmax(engine: VllmEngine, hf_model: Any) -> None:
+    prompt = text_prompt(engine)
+    spec = SamplingSpec(max_tokens=32, temperature=0.25, seed=3)
+    stats = EngineStats()
+    steps = [s async for s in engine.generate(prompt, spec, stats)]
+    tokens = [s.token_id for s in steps]
+    assert len(tokens) == 32 and all(s.logp is None for s in steps)
+    assert (stats.calls, stats.tokens_generated) == (1, 32)
+    expected = pick(tempered(reference_logits(hf_model, prompt, tokens), 0.25), tokens)
+    diff = max_diff([s.logq for s in steps], expected)
+    print(f"logq vs log_softmax(4 log p): max |diff| = {diff:.2e} over 32 tokens")
+    assert diff < TOL
+
+
+async def test_logq_reflects_top_k(engine: VllmEngine, hf_model: Any) -> None:
+    prompt = text_prompt(engine)
+    spec = SamplingSpec(max_tokens=24, temperature=0.7, top_k=5, seed=11)
+    tokens, logq = await collect(engine, prompt, spec)
+    expected = pick(tempered(reference_logits(hf_model, prompt, tokens), 0.7, top_k=5), tokens)
+    assert max_diff(logq, expected) < TOL
+
+
+async def test_raw_sampling_gives_logp(engine: VllmEngine, hf_model: Any) -> None:
+    prompt = text_prompt(engine)
+    steps = [s async for s in engine.generate(prompt, SamplingSpec(max_tokens=16, seed=5), EngineStats())]
+    tokens = [s.token_id for s in steps]
+    assert all(s.logp == s.logq for s in steps)
+    expected = pick(reference_logits(hf_model, prompt, tokens), tokens)
+    assert max_diff([s.logq for s in steps], expected) < TOL
+
+
+async def test_score_matches_transformers(engine: VllmEngine, hf_model: Any) -> None:
+    prompt = text_prompt(engine)
+    tokens = engine.tokenizer.encode(" Germany, where Johannes Gutenberg built a machine around 1440.")
+    stats = EngineStats()
+    logp = await engine.score(prompt, tokens, stats)
+    assert (stats.calls, stats.tokens_scored) == (1, len(tokens))
+    diff = max_diff(logp, pick(reference_logits(hf_model, prompt, tokens), tokens))
+    print(f"score vs transformers log p: max |diff| = {diff:.2e} over {len(tokens)} tokens")
+    assert diff < TOL
+    assert await engine.score(prompt, [], EngineStats()) == []
+
+
+async def test_score_fills_whole_context(engine: VllmEngine, hf_model: Any) -> None:
+    """A sequence of exactly max_model_len tokens (a length-capped sample) can still be scored."""
+    base = text_prompt(engine)
+    prompt = (base * (MAX_MODEL_LEN // len(base) + 1))[: MAX_MODEL_LEN - 6]
+    tokens = engine.tokenizer.encode(" a small town")[:6]
+    tokens += [tokens[-1]] * (6 - len(tokens))
+    assert len(prompt) + len(tokens) == MAX_MODEL_LEN
+    reference = reference_logits(hf_model, prompt, tokens)
+    logp = await engine.score(prompt, tokens, EngineStats())
+    assert max_diff(logp, pick(reference, tokens)) < TOL
+    rows = await engine.top_logprobs(prompt, tokens, 3, EngineStats())
+    top = reference[-1].topk(3)
+    assert set(rows[-1]) == set(top.indices.tolist())
+    assert max_diff([rows[-1][i] for i in top.indices.tolist()], top.values.tolist()) < TOL
+
+
+async def test_sample_returns_logp_and_logq(engine: VllmEngine, hf_model: Any) -> None:
+    prompt = text_prompt(engine)
+    stats = EngineStats()
+    sample = await engine.sample(prompt, SamplingSpec(max_tokens=20, temperature=0.25, seed=7), stats)
+    assert sample.finish_reason == "length" and len(sample.token_ids) == 20
+    assert (stats.calls, stats.tokens_generated, stats.tokens_scored) == (2, 20, 20)
+    reference = reference_logits(hf_model, prompt, sample.token_ids)
+    assert max_diff(sample.logp, pick(reference, sample.token_ids)) < TOL
+    assert max_diff(sample.logq, pick(tempered(reference, 0.25), sample.token_ids)) < TOL
+
+
+async def test_seed_reproducible(engine: VllmEngine) -> None:
+    prompt = text_prompt(engine)
+    spec = SamplingSpec(max_tokens=24, temperature=1.0, seed=1234)
+    (a, la), (b, lb), (c, _) = await asyncio.gather(
+        collect(engine, prompt, spec),
+        collect(engine, prompt, spec),
+        collect(engine, prompt, SamplingSpec(max_tokens=24, temperature=1.0, seed=4321)),
+    )
+    assert a == b and max_diff(la, lb) < 1e-5
+    assert a != c
+
+
+async def test_max_tokens_and_eos_stop(engine: VllmEngine) -> None:
+    spec = SamplingSpec(max_tokens=7, temperature=1.0, seed=0)
+    tokens, _ = await collect(engine, text_prompt(engine), spec)
+    assert len(tokens) == 7
+
+    # The chat model answers this in about 25 tokens and ends its turn with <|im_end|>.
+    prompt = chat_prompt(engine, "What is 7 + 5?")
+    sample = await engine.sample(prompt, SamplingSpec(max_tokens=96, temperature=0.25, seed=0), EngineStats())
+    assert sample.finish_reason == "stop"
+    assert sample.token_ids[-1] in engine.eos_token_ids
+    assert not engine.eos_token_ids & set(sample.token_ids[:-1])
+    assert "12" in engine.tokenizer.decode(sample.token_ids)
+    assert math.isfinite(sample.logp[-1]) and math.isfinite(sample.logq[-1])
+
+
+async def test_closing_early_aborts(engine: VllmEngine) -> None:
+    prompt = text_prompt(engine)
+    spec = SamplingSpec(max_tokens=500, temperature=1.0, seed=2)
+    stats = EngineStats()
+    async with contextlib.aclosing(engine.generate(prompt, spec, stats)) as stream:
+        async for _ in stream:
+            if stats.tokens_generated == 3:
+                break
+        assert engine.num_unfinished_requests() == 1
+    await wait_idle(engine)
+
+    # Cancelling the consuming task aborts too.
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in engine.generate(prompt, spec, EngineStats()):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(started.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_idle(engine)
+
+
+async def test_concurrent_generate(engine: VllmEngine) -> None:
+    prompt = text_prompt(engine)
+    specs = [SamplingSpec(max_tokens=16, temperature=1.0, seed=i) for i in range(8)]
+    start = time.monotonic()
+    results = await asyncio.gather(*(collect(engine, prompt, s) for s in specs))
+    elapsed = time.monotonic() - start
+    print(f"8 concurrent x 16 tokens: {elapsed:.2f} s")
+    for tokens, logq in results:
+        assert len(tokens) == 16 or tokens[-1] in engine.eos_token_ids
+        assert all(v <= 0 for v in logq)
+    assert len({tuple(t) for t, _ in results}) > 1
+
+
+async def test_vllm_metrics_exported(engine: VllmEngine) -> None:
+    text = prometheus_client.generate_latest().decode()
+    assert "vllm:generation_tokens_total" in text
+    assert f'model_name="{EMBEDDED_NAME}"' in text
+
+
+async def test_top_logprobs(engine: VllmEngine, hf_model: Any) -> None:
+    prompt = text_prompt(engine)
+    tokens = engine.tokenizer.encode(" Germany")
+    stats = EngineStats()
+    rows = await engine.top_logprobs(prompt, tokens, 5, stats)
+    assert (stats.calls, stats.tokens_scored) == (1, len(tokens))
+    reference = reference_logits(hf_model, prompt, tokens).topk(5, dim=-1)
+    for row, values, ids in zip(rows, reference.values, reference.indices, strict=True):
+        assert set(row) == set(ids.tolist())
+        assert max_diff([row[i] for i in ids.tolist()], values.tolist()) < TOL
+
+
+@pytest.mark.skipif(importlib.util.find_spec("powerserve.engine.torch_engine") is None, reason="no torch engine yet")
+async def test_agrees_with_torch_engine(engine: VllmEngine, checkpoint: str) -> None:
+    """Decoders get the same log p and log q from both engines: vLLM's samples are scored by
+    the torch engine, and their log q recomputed with the torch engine's proposal maths."""
+    from powerserve.engine.torch_engine import TorchEngine, proposal_logprobs
+
+    reference = TorchEngine.load(checkpoint, model_name=EMBEDDED_NAME, max_model_len=MAX_MODEL_LEN)
+    try:
+        assert reference.eos_token_ids == engine.eos_token_ids
+        prompt = text_prompt(engine)
+        specs = [
+            SamplingSpec(max_tokens=16, temperature=0.25, seed=9),
+            SamplingSpec(max_tokens=16, temperature=0.7, top_k=5, seed=9),
+            SamplingSpec(max_tokens=16, temperature=0.5, top_p=0.9, seed=9),
+        ]
+        samples = await asyncio.gather(*(engine.sample(prompt, s, EngineStats()) for s in specs))
+        for spec, sample in zip(specs, samples, strict=True):
+            logp = await reference.score(prompt, sample.token_ids, EngineStats())
+            logits = reference_logits(reference.model, prompt, sample.token_ids).double()
+            logq = [
+                float(proposal_logprobs(row, spec.temperature, spec.top_k, spec.top_p)[token])
+                for row, token in zip(logits, sample.token_ids, strict=True)
+            ]
+            dp, dq = max_diff(sample.logp, logp), max_diff(sample.logq, logq)
+            print(f"vs torch engine {spec}: log p {dp:.2e}, log q {dq:.2e}")
+            assert dp < TOL and dq < TOL
+    finally:
+        await reference.shutdown()
