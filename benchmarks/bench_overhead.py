@@ -40,14 +40,29 @@ PROMPTS = [
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:  # type: ignore[no-untyped-def]
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             tokenize=False)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
     return list(tokenizer.encode(rendered, add_special_tokens=False))
 
 
 def start_server(port: int, mem: float) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "powerserve.cli", "serve", "--engine", "vllm", "--port", str(port),
-           "--gpu-memory-utilization", str(mem), "--log-level", "warning", "--max-model-len", "1024"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "powerserve.cli",
+        "serve",
+        "--engine",
+        "vllm",
+        "--port",
+        str(port),
+        "--gpu-memory-utilization",
+        str(mem),
+        "--log-level",
+        "warning",
+        "--max-model-len",
+        "1024",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -60,8 +75,9 @@ def start_server(port: int, mem: float) -> subprocess.Popen[bytes]:
     raise TimeoutError("powerserve did not start")
 
 
-async def powerserve_round(port: int, prompts: list[list[int]], seeds: list[int], max_tokens: int,
-                           temperature: float, concurrency: int) -> tuple[float, int, list[float], list[list[int]]]:
+async def powerserve_round(
+    port: int, prompts: list[list[int]], seeds: list[int], max_tokens: int, temperature: float, concurrency: int
+) -> tuple[float, int, list[float], list[list[int]]]:
     url = f"http://127.0.0.1:{port}/v1/completions"
     latencies: list[float] = []
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -69,13 +85,22 @@ async def powerserve_round(port: int, prompts: list[list[int]], seeds: list[int]
     sem = asyncio.Semaphore(concurrency)
 
     async with httpx.AsyncClient(timeout=600) as http:
+
         async def one(i: int) -> None:
             nonlocal tokens
             async with sem:
                 t0 = time.perf_counter()
-                resp = await http.post(url, json={"model": "SmolLM2-135M-Instruct", "prompt": prompts[i],
-                                                  "max_tokens": max_tokens, "temperature": temperature,
-                                                  "seed": seeds[i], "logprobs": 0})
+                resp = await http.post(
+                    url,
+                    json={
+                        "model": "SmolLM2-135M-Instruct",
+                        "prompt": prompts[i],
+                        "max_tokens": max_tokens,
+                        "temperature": temperature,
+                        "seed": seeds[i],
+                        "logprobs": 0,
+                    },
+                )
                 latencies.append(time.perf_counter() - t0)
                 body = resp.json()
                 tokens += body["usage"]["completion_tokens"]
@@ -87,8 +112,14 @@ async def powerserve_round(port: int, prompts: list[list[int]], seeds: list[int]
     return wall, tokens, latencies, outputs
 
 
-def direct_round(llm, prompts: list[list[int]], seeds: list[int], max_tokens: int, temperature: float,  # type: ignore[no-untyped-def]
-                 concurrency: int) -> tuple[float, int, list[float], list[list[int]]]:
+def direct_round(
+    llm,
+    prompts: list[list[int]],
+    seeds: list[int],
+    max_tokens: int,
+    temperature: float,  # type: ignore[no-untyped-def]
+    concurrency: int,
+) -> tuple[float, int, list[float], list[list[int]]]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -132,8 +163,14 @@ def main() -> None:
     server = start_server(args.port, args.mem)
     try:
         # The same engine settings powerserve's vLLM engine uses (dtype float32 on CPU, prefix caching).
-        llm = LLM(model=path, dtype="float32", gpu_memory_utilization=args.mem, enable_prefix_caching=True,
-                  max_model_len=1024, seed=0)
+        llm = LLM(
+            model=path,
+            dtype="float32",
+            gpu_memory_utilization=args.mem,
+            enable_prefix_caching=True,
+            max_model_len=1024,
+            seed=0,
+        )
         rows: dict[tuple[str, int], list[tuple[float, int, float]]] = {}
         same_outputs = True
         # warm-up both sides once
@@ -153,9 +190,11 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=60)
 
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; model SmolLM2-135M-Instruct (float32); "
-          f"{len(prompts)} chat prompts, max_tokens {args.max_tokens}, temperature {args.temperature}, "
-          f"{args.rounds} rounds (medians)\n")
+    print(
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; model SmolLM2-135M-Instruct (float32); "
+        f"{len(prompts)} chat prompts, max_tokens {args.max_tokens}, temperature {args.temperature}, "
+        f"{args.rounds} rounds (medians)\n"
+    )
     print("| concurrency | path | tokens/s | mean latency (s) | overhead vs direct |")
     print("|---|---|---|---|---|")
     for conc in (1, 8):
@@ -163,7 +202,7 @@ def main() -> None:
         for path_name in ("vLLM direct", "powerserve"):
             samples = rows[(path_name, conc)]
             tps = statistics.median(t / w for w, t, _ in samples)
-            lat = statistics.median(l for _, _, l in samples)
+            lat = statistics.median(mean_lat for _, _, mean_lat in samples)
             med[path_name] = (tps, lat)
         for path_name in ("vLLM direct", "powerserve"):
             tps, lat = med[path_name]

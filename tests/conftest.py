@@ -6,7 +6,7 @@ import os
 # thread, which costs 15-25 ms per hand-off with busy-waiting OpenMP threads on 2 cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 # Two cores on the build machines: keep each test process from oversubscribing them.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
