@@ -109,6 +109,10 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
     async def metrics_endpoint() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    from powerserve.dashboard import install as install_dashboard
+
+    install_dashboard(app)
+
     @app.get("/v1/models", dependencies=auth, response_model=ModelList)
     async def list_models(state: State) -> ModelList:
         names = [state.model_name] + [f"{state.model_name}:{d}" for d in state.decoders]

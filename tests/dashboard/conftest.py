@@ -1,0 +1,13 @@
+"""Dashboard tests reuse the API tests' tiny model and app factory."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.serving.conftest import engine, make_client, tokenizer
+
+__all__ = ["engine", "make_client", "tokenizer"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "browser: drives the page in headless Chromium (apt-get install -y chromium)")
