@@ -12,20 +12,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from powerserve.app import create_app
 from powerserve.engine.torch_engine import TorchEngine
-from powerserve.settings import Settings
+from tests.dashboard.live_server import LiveServer
 from tests.serving.conftest import MODEL
 
 pytestmark = pytest.mark.browser
@@ -56,33 +51,6 @@ def chromium_path() -> str:
         "headless Chromium is needed for the dashboard browser test: install Debian's package with "
         "`apt-get install -y chromium` (or point POWERSERVE_CHROMIUM at a Chromium binary)"
     )
-
-
-class LiveServer:
-    """The real app under uvicorn in a background thread, on a free loopback port."""
-
-    def __init__(self, engine: TorchEngine) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        settings = Settings(max_n=2, default_max_tokens=8, max_tokens_limit=32)
-        config = uvicorn.Config(create_app(settings, engine=engine), host="127.0.0.1", port=port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.base = f"http://127.0.0.1:{port}"
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture
