@@ -154,3 +154,57 @@ def test_metrics_are_decoder_labelled(server: Server, client: OpenAI, model: str
     assert {"standard", "temperature"} <= decoders
     if server.engine == "vllm":
         assert any(name.startswith("vllm:") for name in fams), "vLLM's own metrics on the same page"
+
+
+def test_power_mcmc_through_the_sdk(client: OpenAI, model: str) -> None:
+    decoder = {"name": "power_mcmc", "alpha": 4, "block_size": 8, "mcmc_steps": 2}
+    resp = client.chat.completions.create(
+        model=model, messages=QUESTION, max_tokens=16, seed=5, extra_body={"decoder": decoder}
+    )
+    assert resp.choices[0].message.content
+    info = ext(resp)
+    assert info["decoder"] == "power_mcmc"
+    stats = info["decoder_stats"]
+    for key in ("tokens_proposed", "tokens_accepted", "proposals", "acceptance_rate"):
+        assert key in stats, key
+    assert info["tokens_generated"] >= stats["tokens_proposed"] >= resp.usage.completion_tokens  # type: ignore[union-attr]
+    assert info["cost_multiplier"] > 1.0
+    # streamed: the answer arrives when the chain ends, then [DONE]
+    stream = client.chat.completions.create(
+        model=model, messages=QUESTION, max_tokens=16, seed=5, stream=True, extra_body={"decoder": decoder}
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == resp.choices[0].message.content
+
+
+def test_hanging_up_on_a_chain_cancels_it(server: Server, model: str) -> None:
+    """A non-streaming power_mcmc request whose client gives up is stopped: counted as
+    cancelled, and the engine stops generating for it."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {
+        "model": model,
+        "prompt": "Tell me a story.",
+        "max_tokens": 256,
+        "decoder": {"name": "power_mcmc", "block_size": 64, "mcmc_steps": 50},
+    }
+    labels = {"decoder": "power_mcmc", "outcome": "cancelled"}
+    before = counter(server, "powerserve_requests", labels)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base}/v1/completions", json=body, headers=headers, timeout=3)
+    deadline = time.monotonic() + 5
+    while counter(server, "powerserve_requests", labels) <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert counter(server, "powerserve_requests", labels) == before + 1
+    if server.engine == "vllm":
+        tokens = generation_tokens(server)
+        time.sleep(3)
+        assert generation_tokens(server) == tokens
+
+
+def counter(server: Server, name: str, labels: dict[str, str]) -> float:
+    fams = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server.base}/metrics").text)}
+    return sum(
+        s.value
+        for s in fams[name].samples
+        if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in labels.items())
+    )
