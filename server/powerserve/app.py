@@ -101,9 +101,17 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
     auth = [_check_api_key(settings)]
 
     @app.get("/health", tags=["ops"])
-    async def health(state: State) -> dict[str, str]:
-        await state.engine.check_health()
-        return {"status": "ok"}
+    async def health(state: State) -> JSONResponse:
+        """200 ``{"status": "ok"}`` while serving; 503 ``{"status": "draining"}`` after SIGTERM, so a
+        load balancer stops sending; 503 ``{"status": "unhealthy"}`` if the engine fails its check."""
+        if state.admission.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        try:
+            await state.engine.check_health()
+        except Exception as exc:
+            log.error("engine health check failed: %s", exc)
+            return JSONResponse({"status": "unhealthy"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", tags=["ops"])
     async def metrics_endpoint() -> Response:
@@ -159,7 +167,7 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PowerserveError)
     async def on_powerserve_error(request: Request, exc: PowerserveError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code)
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

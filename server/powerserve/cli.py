@@ -39,9 +39,8 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def serve(ns: argparse.Namespace) -> int:
-    import uvicorn
-
     from powerserve.app import create_app
+    from powerserve.server import run
 
     settings = Settings(**_overrides(ns))
     from powerserve.engine.factory import pick_engine
@@ -53,7 +52,13 @@ def serve(ns: argparse.Namespace) -> int:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_keep_alive=30)
+    run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        drain_timeout_s=settings.drain_timeout_s,
+    )
     return 0
 
 

@@ -10,11 +10,19 @@ class PowerserveError(Exception):
     status_code = 500
     error_type = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.error_type, self.param, self.code)
@@ -38,6 +46,13 @@ class NotFoundError(PowerserveError):
 class RateLimitError(PowerserveError):
     status_code = 429
     error_type = "rate_limit_error"
+
+
+class RequestTimeoutError(PowerserveError):
+    """The request's deadline passed; its engine work was stopped."""
+
+    status_code = 504
+    error_type = "timeout_error"
 
 
 class ServiceUnavailableError(PowerserveError):

@@ -19,10 +19,17 @@ RATE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 REQUESTS = Counter(
     "powerserve_requests",
-    "Completion requests by outcome (success, error, cancelled, rejected)",
+    "Completion requests by outcome (success, error, cancelled, rejected, timeout)",
     (*LABELS, "outcome"),
 )
 REQUESTS_RUNNING = Gauge("powerserve_requests_running", "Requests being decoded now", LABELS)
+REQUESTS_QUEUED = Gauge("powerserve_requests_queued", "Requests admitted to the queue, waiting to run", LABELS)
+ADMISSION_REJECTIONS = Counter(
+    "powerserve_admission_rejections", "Requests refused with 429 because running and queue were full", LABELS
+)
+RUNNING_WEIGHT = Gauge(
+    "powerserve_running_weight", "Cost weight of the requests running now (admission control's budget)"
+)
 LATENCY = Histogram(
     "powerserve_request_latency_seconds", "End-to-end latency of a request", LABELS, buckets=LATENCY_BUCKETS
 )

@@ -76,6 +76,12 @@ class _SamplingRequest(BaseModel):
 
     # --- powerserve extension ----------------------------------------------------------------
     decoder: DecoderField = None
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        description="powerserve extension: deadline in seconds (queueing included); may only be "
+        "tighter than the server's",
+    )
     # ------------------------------------------------------------------------------------------
 
     @model_validator(mode="after")

@@ -31,6 +31,8 @@ class Plan:
     sampling: OpenAISampling
     stop: list[str]
     logprobs: int | None  # None: no logprobs; k: the sampled token's and the top k
+    timeout_s: float
+    weight: float  # admission weight: sequences x the decoder's expected cost per output token
 
     def sequences(self) -> list[tuple[int, DecodeRequest]]:
         """(choice index, request) for each sequence: prompt-major, n per prompt.
@@ -165,6 +167,9 @@ def build_plan(
             param="max_tokens",
             code="engine_token_limit",
         )
+    timeout_s = settings.request_timeout_s
+    if request.timeout is not None:
+        timeout_s = min(timeout_s, request.timeout)
     top_k = 0 if request.top_k in (0, -1) else request.top_k
     return Plan(
         decoder=decoder,
@@ -176,4 +181,6 @@ def build_plan(
         sampling=OpenAISampling(temperature=request.temperature, top_p=request.top_p, top_k=top_k),
         stop=request.stop_list(),
         logprobs=logprobs,
+        timeout_s=timeout_s,
+        weight=expected / max_tokens,
     )

@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 from powerserve import metrics
 from powerserve.decoders.base import DecodeRequest
 from powerserve.engine.base import EngineStats, FinishReason
+from powerserve.errors import RequestTimeoutError, ServiceUnavailableError
 from powerserve.protocol import ChoiceCost, PowerserveInfo, SelfReward, Usage
 from powerserve.serving.plan import Plan
 from powerserve.serving.state import ServerState
 from powerserve.text import Detokenizer
+
+SHUTDOWN = "powerserve-shutdown"  # the cancel message a draining server sends to running requests
 
 
 @dataclass(slots=True)
@@ -76,21 +79,47 @@ class Runner:
         return (self.plan.decoder.name, self.state.model_name)
 
     async def run(self) -> Outcome:
-        running = metrics.REQUESTS_RUNNING.labels(*self.labels)
-        running.inc()
+        """Admit (or queue, or refuse), decode every choice within the deadline, account.
+
+        Errors: RateLimitError (429) or ServiceUnavailableError (503, draining) at admission;
+        RequestTimeoutError (504) when the deadline passes; ServiceUnavailableError when a
+        shutdown cancels the work. A plain cancellation (client gone) propagates.
+        """
+        admission = self.state.admission
+        ticket = admission.reserve(self.plan.weight, self.labels)
         try:
-            results = await self._run_all()
-        except asyncio.CancelledError:
+            async with asyncio.timeout(self.plan.timeout_s), admission.hold(ticket):
+                results = await self._run_counted()
+        except TimeoutError:
+            metrics.REQUESTS.labels(*self.labels, "timeout").inc()
+            raise RequestTimeoutError(
+                f"The request did not finish within its {self.plan.timeout_s:g} s deadline; its work was stopped.",
+                code="request_timeout",
+            ) from None
+        except asyncio.CancelledError as exc:
             metrics.REQUESTS.labels(*self.labels, "cancelled").inc()
+            if exc.args == (SHUTDOWN,):
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                raise ServiceUnavailableError(
+                    "The server shut down before the request finished.", code="server_shutdown"
+                ) from None
             raise
         except Exception:
             metrics.REQUESTS.labels(*self.labels, "error").inc()
             raise
-        finally:
-            running.dec()
         outcome = self._summarise(results)
         self._record(outcome)
         return outcome
+
+    async def _run_counted(self) -> list[ChoiceResult]:
+        running = metrics.REQUESTS_RUNNING.labels(*self.labels)
+        running.inc()
+        try:
+            return await self._run_all()
+        finally:
+            running.dec()
 
     async def _run_all(self) -> list[ChoiceResult]:
         sequences = self.plan.sequences()

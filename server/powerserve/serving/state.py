@@ -8,6 +8,7 @@ from typing import Any
 from powerserve.decoders.base import Decoder
 from powerserve.decoders.registry import DECODERS
 from powerserve.engine.base import Engine
+from powerserve.serving.admission import Admission
 from powerserve.settings import Settings
 
 
@@ -18,12 +19,14 @@ class ServerState:
     model_name: str
     decoders: dict[str, Decoder] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)  # decoder name -> why
+    admission: Admission = field(default_factory=lambda: Admission(1, 0))
 
     @classmethod
     def build(
         cls, settings: Settings, engine: Engine, model_name: str, extra: dict[str, Any] | None = None
     ) -> ServerState:
-        state = cls(settings=settings, engine=engine, model_name=model_name)
+        admission = Admission(settings.max_running_weight, settings.max_queued_weight)
+        state = cls(settings=settings, engine=engine, model_name=model_name, admission=admission)
         for name, decoder_cls in DECODERS.items():
             maker = getattr(decoder_cls, "from_settings", None)
             if maker is None:
