@@ -52,6 +52,13 @@ SELF_REWARD = Histogram(
     LABELS,
     buckets=SELF_REWARD_BUCKETS,
 )
+# prometheus_client exports no _sum for a histogram with negative buckets, so the mean
+# self-reward comes from this counter: mean log p per token = -rate(this) / rate(output tokens).
+SELF_REWARD_NEG_LOGPROB = Counter(
+    "powerserve_self_reward_neg_logprob",
+    "Sum of -log p (base model) over returned tokens; divide by output tokens for the mean self-reward",
+    LABELS,
+)
 COST_MULTIPLIER = Histogram(
     "powerserve_cost_multiplier",
     "Engine tokens (generated + scored) per returned token, per request",

@@ -213,6 +213,7 @@ class Runner:
         metrics.ENGINE_CALLS.labels(*labels).inc(info.engine_calls)
         if info.cost_multiplier is not None:
             metrics.COST_MULTIPLIER.labels(*labels).observe(info.cost_multiplier)
+        metrics.SELF_REWARD_NEG_LOGPROB.labels(*labels).inc(max(0.0, -info.self_reward.sum_logprob))
         for choice in outcome.choices:
             if choice.logp:
                 metrics.SELF_REWARD.labels(*labels).observe(math.fsum(choice.logp) / len(choice.logp))
