@@ -84,7 +84,7 @@ def test_every_powerserve_metric_in_a_query_is_exported() -> None:
 def test_every_vllm_metric_in_a_query_is_exported_by_the_installed_vllm() -> None:
     source = vllm_loggers_source()
     if source is None:
-        pytest.skip("vLLM is not installed (scripts/setup.sh installs it)")
+        pytest.fail("vLLM is not installed: run scripts/setup.sh, which installs it")
     exported = vllm_series(source)
     named = {n: sorted(w) for n, w in all_metric_names(load_dashboard()).items() if n.startswith("vllm:")}
     assert named, "the dashboard has vLLM engine panels"

@@ -41,7 +41,7 @@ def test_powerserve_series_are_expanded_by_type() -> None:
 def test_vllm_series_are_read_from_the_installed_source() -> None:
     source = vllm_loggers_source()
     if source is None:
-        pytest.skip("vLLM is not installed (scripts/setup.sh installs it)")
+        pytest.fail("vLLM is not installed: run scripts/setup.sh, which installs it")
     names = vllm_series(source)
     assert {"vllm:num_requests_waiting", "vllm:generation_tokens_total"} <= names
     assert "vllm:time_to_first_token_seconds_bucket" in names

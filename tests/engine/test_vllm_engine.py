@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -23,8 +22,6 @@ import torch
 from powerserve.engine.base import EngineStats, SamplingSpec
 from powerserve.engine.vllm_engine import VllmEngine
 from powerserve.model_store import EMBEDDED_NAME, ensure_embedded_checkpoint
-
-pytest.importorskip("vllm")
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -267,7 +264,6 @@ async def test_top_logprobs(engine: VllmEngine, hf_model: Any) -> None:
         assert max_diff([row[i] for i in ids.tolist()], values.tolist()) < TOL
 
 
-@pytest.mark.skipif(importlib.util.find_spec("powerserve.engine.torch_engine") is None, reason="no torch engine yet")
 async def test_agrees_with_torch_engine(engine: VllmEngine, checkpoint: str) -> None:
     """Decoders get the same log p and log q from both engines: vLLM's samples are scored by
     the torch engine, and their log q recomputed with the torch engine's proposal maths."""
