@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from powerserve.decoders.base import Decoder
 from powerserve.decoders.power_mcmc import PowerMcmcDecoder
+from powerserve.decoders.power_smc import PowerSmcDecoder
 from powerserve.decoders.standard import StandardDecoder
 from powerserve.decoders.temperature import TemperatureDecoder
 
@@ -12,6 +13,7 @@ DECODERS: dict[str, type[Decoder]] = {
     for cls in (
         StandardDecoder,
         PowerMcmcDecoder,
+        PowerSmcDecoder,
         TemperatureDecoder,
     )
 }

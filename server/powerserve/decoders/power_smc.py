@@ -1,0 +1,278 @@
+"""``power_smc``: sequential Monte Carlo power sampling (Power-SMC, Azizi et al., 2026).
+
+N particles are decoded side by side from the proposal q (the model at temperature 1/alpha,
+no truncation) and weighted towards the sequence-level target p(x)^alpha / Z; when the
+weights degenerate the population is resampled, and the answer is one particle drawn in
+proportion to its final weight. The output distribution tends to p^alpha as N grows (the
+bias of a finite population is O(1/N)); N = 1 is plain temperature-1/alpha sampling.
+
+Every random number comes from one generator seeded with ``request.seed``, including the
+seed of each engine call, so a seed reproduces the whole run. Only the :class:`Engine`
+interface is used: concurrent ``generate`` iterators (batched by engines that batch), and
+``score`` for engines that do not report log p while sampling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import Field
+
+from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams
+from powerserve.engine.base import EngineStats, SamplingSpec, TokenStep
+
+# Per-call engine seeds are drawn below this bound: every engine accepts a 31-bit seed.
+_SEED_BOUND = 2**31
+
+
+class PowerSmcParams(DecoderParams):
+    alpha: float = Field(4.0, ge=1.0, le=100.0, description="power exponent: the target is p(x)^alpha")
+    particles: int = Field(16, ge=1, le=64, description="number of particles N decoded together")
+    resample_interval: int = Field(
+        8, ge=1, le=4096, description="tokens between two checks of the effective sample size"
+    )
+    ess_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="resample when ESS < ess_threshold * N (0: never resample)"
+    )
+    ramp_tokens: int = Field(
+        16, ge=0, le=4096, description="alpha is ramped from 1 to alpha over this many tokens (0: no ramp)"
+    )
+
+
+# --- the maths, as small pure functions ---------------------------------------------------------
+
+
+def ramp_alpha(t: int, alpha: float, ramp_tokens: int) -> float:
+    """Exponent of the intermediate target after t tokens: 1 + (alpha - 1) * min(1, t / R)."""
+    if ramp_tokens <= 0:
+        return alpha
+    return 1.0 + (alpha - 1.0) * min(1.0, t / ramp_tokens)
+
+
+def effective_sample_size(logw: np.ndarray) -> float:
+    """ESS = (sum w)^2 / sum w^2 of log-weights ``logw`` [N], between 1 and N."""
+    w = np.exp(logw - logw.max())
+    return float(w.sum() ** 2 / (w * w).sum())
+
+
+def normalise(logw: np.ndarray) -> np.ndarray:
+    """Probabilities proportional to exp(logw)."""
+    w = np.exp(logw - logw.max())
+    return np.asarray(w / w.sum())
+
+
+def systematic_resample(probs: np.ndarray, u: float) -> np.ndarray:
+    """Ancestor indices [N] (sorted) of systematic resampling with one uniform ``u`` in [0, 1).
+
+    Particle k takes the ancestor whose cumulative-probability interval holds (k + u) / N, so
+    ancestor i gets floor or ceil of N * probs[i] copies.
+    """
+    n = len(probs)
+    cdf = np.cumsum(probs)
+    cdf[-1] = 1.0  # guard against rounding: every position must find an ancestor
+    return np.searchsorted(cdf, (np.arange(n) + u) / n, side="right")
+
+
+# --- particles ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Particle:
+    """Generated tokens with raw log p (None until scored) and proposal log q.
+
+    ``base`` is alpha_r * S_p - S_q at the last resampling r of this particle's lineage (0 at
+    the start), so the particle's log-weight at time t is alpha_t * S_p - S_q - base.
+    """
+
+    token_ids: list[int] = field(default_factory=list)
+    logp: list[float | None] = field(default_factory=list)
+    logq: list[float] = field(default_factory=list)
+    base: float = 0.0
+    done: bool = False
+    stream: AsyncIterator[TokenStep] | None = None
+
+    def copy(self) -> _Particle:
+        return _Particle(list(self.token_ids), list(self.logp), list(self.logq), self.base, self.done)
+
+    def target(self, alpha_t: float) -> float:
+        """alpha_t * S_p - S_q (all log p known)."""
+        return alpha_t * math.fsum(v for v in self.logp if v is not None) - math.fsum(self.logq)
+
+    async def close(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+
+def _add(stats: EngineStats, key: str, value: float) -> None:
+    stats.extra[key] = stats.extra.get(key, 0.0) + value
+
+
+class PowerSmcDecoder(Decoder):
+    name = "power_smc"
+    description = (
+        "Sequential Monte Carlo power sampling of p(x)^alpha: N particles from temperature 1/alpha, "
+        "weighted and resampled; yields the whole answer at the end. Ignores temperature/top_p/top_k."
+    )
+    params_model = PowerSmcParams
+    streams_tokens = False
+
+    def expected_cost(self, params: DecoderParams, max_tokens: int) -> float:
+        """Upper bound on engine tokens (generated + scored): 2 * N * max_tokens.
+
+        Each particle generates at most max_tokens tokens over its lineage: a particle that
+        copies an ancestor continues from the ancestor's length, so resampling adds no
+        generated tokens (only the re-fed prefix, which the engine's prefix cache serves and
+        which is not counted as generated). An engine that cannot return log p while sampling
+        scores every generated token once more, hence the factor 2.
+        """
+        assert isinstance(params, PowerSmcParams)
+        return 2.0 * params.particles * max_tokens
+
+    async def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
+        """Run the particle system, then yield the chosen particle's tokens.
+
+        With T = max_tokens, R = min(ramp_tokens, T) and alpha_t = 1 + (alpha-1)*min(1, t/R):
+
+        1. Start N particles, each an engine stream from the prompt with q (temperature 1/alpha,
+           no truncation), log-weight 0.
+        2. Advance every unfinished particle by ``resample_interval`` tokens (fewer at EOS or at
+           T), all streams concurrently. Finished particles (EOS) are not extended.
+        3. Reweight: the log-weight of a particle is alpha_t*S_p - S_q - base, i.e. per new token
+           it gains alpha_t*log p - log q, and per step of the ramp every particle, finished or
+           not, gains (alpha_t - alpha_{t-1})*S_p -- the correction that makes the target at
+           time t exactly p(x_{1:t})^alpha_t, hence p(x)^alpha once the ramp is over.
+        4. If ESS = (sum w)^2 / sum w^2 < ess_threshold * N (and decoding goes on), resample
+           systematically: each new particle copies an ancestor's tokens; all weights reset to
+           equal (base = alpha_t*S_p - S_q). An ancestor kept once keeps its stream; one copied
+           several times has its stream closed and every copy restarts from its tokens, which
+           the engine serves from its prefix cache (shared KV on torch, prefix caching on vLLM).
+        5. Repeat 2-4 until every particle has ended (EOS or T tokens). Then every log-weight is
+           taken at alpha (alpha*S_p - S_q - base, also when all ended before the ramp did) and
+           the answer is one particle drawn with probability proportional to its weight.
+        """
+        params = request.params
+        assert isinstance(params, PowerSmcParams)
+        rng = np.random.default_rng(request.seed)
+        n, limit = params.particles, request.max_tokens
+        ramp = min(params.ramp_tokens, limit)
+        for key in ("particles", "resamples", "restarts", "ess_checks", "tokens_proposed"):
+            _add(stats, key, 0)
+        _add(stats, "particles", n)
+        ess_min = 1.0
+
+        particles = [_Particle() for _ in range(n)]
+        try:
+            for p in particles:
+                self._start(p, request, rng, stats)
+            t = 0
+            while t < limit and not all(p.done for p in particles):
+                k = min(params.resample_interval, limit - t)
+                async with asyncio.TaskGroup() as group:
+                    for p in particles:
+                        if not p.done:
+                            group.create_task(self._advance(p, k, stats))
+                t += k
+                await self._score_missing(particles, request.prompt_ids, stats)
+                if t >= limit or all(p.done for p in particles):
+                    break  # the final draw below weighs the particles: no point resampling now
+                alpha_t = ramp_alpha(t, params.alpha, ramp)
+                logw = np.array([p.target(alpha_t) - p.base for p in particles])
+                ess = effective_sample_size(logw)
+                ess_min = min(ess_min, ess / n)
+                _add(stats, "ess_checks", 1)
+                if ess < params.ess_threshold * n:
+                    particles = await self._resample(particles, normalise(logw), alpha_t, request, rng, stats)
+
+            logw = np.array([p.target(params.alpha) - p.base for p in particles])
+            chosen = particles[int(rng.choice(n, p=normalise(logw)))]
+        finally:
+            for p in particles:
+                with contextlib.suppress(Exception):
+                    await p.close()
+        stats.extra["ess_min"] = ess_min
+        _add(stats, "tokens_accepted", len(chosen.token_ids))
+        for tok, lq, lp in zip(chosen.token_ids, chosen.logq, chosen.logp, strict=True):
+            yield TokenStep(token_id=tok, logq=lq, logp=lp)
+
+    # --- steps of decode ----------------------------------------------------------------------
+
+    def _start(self, p: _Particle, request: DecodeRequest, rng: np.random.Generator, stats: EngineStats) -> None:
+        """Open p's engine stream from prompt + p's tokens, for the rest of the budget."""
+        params = request.params
+        assert isinstance(params, PowerSmcParams)
+        spec = SamplingSpec(
+            max_tokens=request.max_tokens - len(p.token_ids),
+            temperature=1.0 / params.alpha,
+            seed=int(rng.integers(_SEED_BOUND)),
+        )
+        p.stream = self.engine.generate([*request.prompt_ids, *p.token_ids], spec, stats)
+
+    async def _advance(self, p: _Particle, k: int, stats: EngineStats) -> None:
+        """Pull up to k tokens from p's stream; at EOS mark p done and close its stream."""
+        assert p.stream is not None
+        for _ in range(k):
+            try:
+                step = await anext(p.stream)
+            except StopAsyncIteration:  # the stream ended at its max_tokens: the budget is used up
+                p.done = True
+                break
+            p.token_ids.append(step.token_id)
+            p.logq.append(step.logq)
+            p.logp.append(step.logp)
+            _add(stats, "tokens_proposed", 1)
+            if step.token_id in self.engine.eos_token_ids:
+                p.done = True
+                break
+        if p.done:
+            await p.close()  # lets the engine keep the sequence's KV for copies of it
+
+    async def _score_missing(self, particles: list[_Particle], prompt: Sequence[int], stats: EngineStats) -> None:
+        """Fill in log p where the engine did not report it: one score call per particle."""
+
+        async def fill(p: _Particle) -> None:
+            first = next(i for i, v in enumerate(p.logp) if v is None)
+            scored = await self.engine.score([*prompt, *p.token_ids[:first]], p.token_ids[first:], stats)
+            p.logp[first:] = scored
+
+        async with asyncio.TaskGroup() as group:
+            for p in particles:
+                if any(v is None for v in p.logp):
+                    group.create_task(fill(p))
+
+    async def _resample(
+        self,
+        particles: list[_Particle],
+        probs: np.ndarray,
+        alpha_t: float,
+        request: DecodeRequest,
+        rng: np.random.Generator,
+        stats: EngineStats,
+    ) -> list[_Particle]:
+        """Systematic resampling (step 4 of :meth:`decode`); returns the new population."""
+        ancestors = systematic_resample(probs, float(rng.random()))
+        copies = np.bincount(ancestors, minlength=len(particles))
+        # Close first, so the engine has the ancestors' KV by the time their copies start.
+        for p, c in zip(particles, copies, strict=True):
+            if c != 1:
+                await p.close()
+        population: list[_Particle] = []
+        for a in ancestors.tolist():
+            p = particles[a]
+            if copies[a] == 1:
+                population.append(p)  # the one survivor keeps its stream
+                continue
+            child = p.copy()
+            if not child.done:
+                self._start(child, request, rng, stats)
+                _add(stats, "restarts", 1)
+            population.append(child)
+        for p in population:
+            p.base = p.target(alpha_t)
+        _add(stats, "resamples", 1)
+        return population
