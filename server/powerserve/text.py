@@ -20,7 +20,13 @@ class Detokenizer:
     without the new ones) so each step costs O(window), not O(length).
     """
 
-    def __init__(self, tokenizer: Any, stop: list[str], special_ids: frozenset[int]) -> None:
+    def __init__(
+        self, tokenizer: Any, stop: list[str], special_ids: frozenset[int], incremental: bool = True
+    ) -> None:
+        """``incremental=False`` (nobody reads the text before the end, and there are no stop
+        strings to watch for) skips the per-token decoding: :meth:`finish` decodes once."""
+        assert incremental or not stop, "stop strings need incremental decoding"
+        self.incremental = incremental
         self.tokenizer = tokenizer
         self.stop = stop
         self.special_ids = special_ids
@@ -39,7 +45,7 @@ class Detokenizer:
         """Add one token; return the text that became final (possibly empty)."""
         assert not self.stopped, "no tokens after a stop string"
         self.ids.append(token_id)
-        if token_id in self.special_ids:
+        if token_id in self.special_ids or not self.incremental:
             return ""
         prefix = self._decode(self.ids[self._prefix_offset : self._read_offset])
         full = self._decode(self.ids[self._prefix_offset :])

@@ -134,7 +134,8 @@ class Runner:
     async def _run_choice(self, index: int, request: DecodeRequest) -> ChoiceResult:
         engine = self.state.engine
         stats = EngineStats()
-        detok = Detokenizer(self.state.tokenizer, self.plan.stop, self.state.special_ids)
+        incremental = self.on_delta is not None or bool(self.plan.stop)
+        detok = Detokenizer(self.state.tokenizer, self.plan.stop, self.state.special_ids, incremental)
         steps = []
         agen = self.plan.decoder.decode(request, stats)
         try:
