@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from powerserve.decoders.base import Decoder
+from powerserve.decoders.power_lookahead import PowerLookaheadDecoder
 from powerserve.decoders.power_mcmc import PowerMcmcDecoder
 from powerserve.decoders.power_smc import PowerSmcDecoder
 from powerserve.decoders.standard import StandardDecoder
@@ -14,6 +15,7 @@ DECODERS: dict[str, type[Decoder]] = {
         StandardDecoder,
         PowerMcmcDecoder,
         PowerSmcDecoder,
+        PowerLookaheadDecoder,
         TemperatureDecoder,
     )
 }
