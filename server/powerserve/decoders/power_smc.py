@@ -85,6 +85,7 @@ def systematic_resample(probs: np.ndarray, u: float) -> np.ndarray:
 class _Particle:
     """Generated tokens with raw log p (None until scored) and proposal log q.
 
+    ``sum_p`` and ``sum_q`` are the running sums S_p (over the log p known so far) and S_q.
     ``base`` is alpha_r * S_p - S_q at the last resampling r of this particle's lineage (0 at
     the start), so the particle's log-weight at time t is alpha_t * S_p - S_q - base.
     """
@@ -92,16 +93,28 @@ class _Particle:
     token_ids: list[int] = field(default_factory=list)
     logp: list[float | None] = field(default_factory=list)
     logq: list[float] = field(default_factory=list)
+    sum_p: float = 0.0
+    sum_q: float = 0.0
     base: float = 0.0
     done: bool = False
     stream: AsyncIterator[TokenStep] | None = None
 
+    def append(self, step: TokenStep) -> None:
+        self.token_ids.append(step.token_id)
+        self.logq.append(step.logq)
+        self.logp.append(step.logp)
+        self.sum_q += step.logq
+        if step.logp is not None:
+            self.sum_p += step.logp
+
     def copy(self) -> _Particle:
-        return _Particle(list(self.token_ids), list(self.logp), list(self.logq), self.base, self.done)
+        return _Particle(
+            list(self.token_ids), list(self.logp), list(self.logq), self.sum_p, self.sum_q, self.base, self.done
+        )
 
     def target(self, alpha_t: float) -> float:
-        """alpha_t * S_p - S_q (all log p known)."""
-        return alpha_t * math.fsum(v for v in self.logp if v is not None) - math.fsum(self.logq)
+        """alpha_t * S_p - S_q (once every log p is known)."""
+        return alpha_t * self.sum_p - self.sum_q
 
     async def close(self) -> None:
         stream, self.stream = self.stream, None
@@ -222,9 +235,7 @@ class PowerSmcDecoder(Decoder):
             except StopAsyncIteration:  # the stream ended at its max_tokens: the budget is used up
                 p.done = True
                 break
-            p.token_ids.append(step.token_id)
-            p.logq.append(step.logq)
-            p.logp.append(step.logp)
+            p.append(step)
             _add(stats, "tokens_proposed", 1)
             if step.token_id in self.engine.eos_token_ids:
                 p.done = True
@@ -239,6 +250,7 @@ class PowerSmcDecoder(Decoder):
             first = next(i for i, v in enumerate(p.logp) if v is None)
             scored = await self.engine.score([*prompt, *p.token_ids[:first]], p.token_ids[first:], stats)
             p.logp[first:] = scored
+            p.sum_p += math.fsum(scored)
 
         async with asyncio.TaskGroup() as group:
             for p in particles:
