@@ -176,7 +176,7 @@ class Runner:
         decoder_stats: dict[str, float] = {}
         for r in results:
             for key, value in r.stats.extra.items():
-                decoder_stats[key] = decoder_stats.get(key, 0.0) + value
+                decoder_stats[key] = _combine(key, decoder_stats.get(key), value)
         if "proposals" in decoder_stats:  # rates are recomputed from the sums, not summed
             proposals = decoder_stats["proposals"]
             accepted = decoder_stats.get("accepted_proposals", 0.0)
@@ -226,6 +226,17 @@ class Runner:
                 metrics.ACCEPTANCE_RATE.labels(*labels).observe(
                     extra.get("accepted_proposals", 0.0) / extra["proposals"]
                 )
+
+
+def _combine(key: str, acc: float | None, value: float) -> float:
+    """Request-level value of a per-choice decoder counter: extremes stay extremes, counts add."""
+    if acc is None:
+        return value
+    if key.endswith("_min"):
+        return min(acc, value)
+    if key.endswith("_max"):
+        return max(acc, value)
+    return acc + value
 
 
 def _self_reward(logp: list[float]) -> SelfReward:
