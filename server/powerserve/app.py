@@ -55,11 +55,19 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             eng = await start_engine(settings)
         else:
             eng = engine
-        app.state.powerserve = ServerState.build(settings, eng, settings.served_model_name or eng.model_name)
+        student: Engine | None = None
+        extra: dict[str, Any] = {}
+        if settings.distilled is not None:  # the 'distilled' decoder's checkpoint, on its own engine
+            from powerserve.decoders.distilled import start_student
+
+            student, extra = await start_student(settings, eng)
+        app.state.powerserve = ServerState.build(settings, eng, settings.served_model_name or eng.model_name, extra)
         log.info("serving %s on the %s engine", app.state.powerserve.model_name, eng.name)
         try:
             yield
         finally:
+            if student is not None:
+                await student.shutdown()
             if owned:
                 await eng.shutdown()
 

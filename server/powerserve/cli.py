@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     p_serve = sub.add_parser("serve", help="run the OpenAI-compatible server")
     _settings_options(p_serve)
     p_serve.set_defaults(func=serve)
+    from powerserve.distill.cli import add_parser as add_distill
+
+    add_distill(sub)
+    from powerserve_client.eval.cli import add_parser as add_eval
+
+    add_eval(sub)
     ns = parser.parse_args(argv)
     result: int = ns.func(ns)
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from powerserve.decoders.base import Decoder
+from powerserve.decoders.distilled import DistilledDecoder
 from powerserve.decoders.power_lookahead import PowerLookaheadDecoder
 from powerserve.decoders.power_mcmc import PowerMcmcDecoder
 from powerserve.decoders.power_smc import PowerSmcDecoder
@@ -17,5 +18,6 @@ DECODERS: dict[str, type[Decoder]] = {
         PowerSmcDecoder,
         PowerLookaheadDecoder,
         TemperatureDecoder,
+        DistilledDecoder,
     )
 }

@@ -1,0 +1,5 @@
+import sys
+
+from powerserve_client.eval.cli import main
+
+sys.exit(main())
