@@ -52,21 +52,21 @@ class Admission:
         if self._refusal(ticket.weight) is None and not self.queue and self._fits(ticket.weight):
             self._grant(ticket)
             return ticket
-        self.precheck(weight, labels, count=True)
+        self.precheck(weight, labels)
         self.queue.append(ticket)
         metrics.REQUESTS_QUEUED.labels(*labels).inc()
         return ticket
 
-    def precheck(self, weight: float, labels: tuple[str, str], count: bool = False) -> None:
+    def precheck(self, weight: float, labels: tuple[str, str]) -> None:
         """Raise the error :meth:`reserve` would raise now, without reserving anything (used
-        before a stream starts, so that a refusal is an HTTP status, not an event)."""
+        before a stream starts, so that a refusal is an HTTP status, not an event). A refusal
+        is final, so it is counted here, whichever of the two calls makes it."""
         refusal = self._refusal(self._clamp(weight))
         if refusal is None:
             return
-        if count:
-            metrics.REQUESTS.labels(*labels, "rejected").inc()
-            if isinstance(refusal, RateLimitError):
-                metrics.ADMISSION_REJECTIONS.labels(*labels).inc()
+        metrics.REQUESTS.labels(*labels, "rejected").inc()
+        if isinstance(refusal, RateLimitError):
+            metrics.ADMISSION_REJECTIONS.labels(*labels).inc()
         raise refusal
 
     def _clamp(self, weight: float) -> float:
