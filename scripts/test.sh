@@ -10,7 +10,7 @@ if ! command -v chromium >/dev/null 2>&1; then
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 . .venv/bin/activate
-echo "== ruff" && ruff check . && ruff format --check .
+echo "== ruff" && ruff check server clients tests benchmarks && ruff format --check server clients tests benchmarks
 echo "== mypy" && mypy
 echo "== pytest"
 python -m pytest -q -ra --durations=15 "$@"

@@ -20,9 +20,7 @@ class Detokenizer:
     without the new ones) so each step costs O(window), not O(length).
     """
 
-    def __init__(
-        self, tokenizer: Any, stop: list[str], special_ids: frozenset[int], incremental: bool = True
-    ) -> None:
+    def __init__(self, tokenizer: Any, stop: list[str], special_ids: frozenset[int], incremental: bool = True) -> None:
         """``incremental=False`` (nobody reads the text before the end, and there are no stop
         strings to watch for) skips the per-token decoding: :meth:`finish` decodes once."""
         assert incremental or not stop, "stop strings need incremental decoding"
