@@ -24,7 +24,7 @@ DECODERS = ["standard", "temperature:alpha=4", "power_mcmc:alpha=4,block_size=4,
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     work = tmp_path_factory.mktemp("live")
     tokenizer = str(ensure_embedded_checkpoint())
     base = save_tiny_checkpoint(str(work / "base"), tokenizer)
@@ -49,7 +49,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        yield url
+        yield url, base
     finally:
         proc.terminate()
         try:
@@ -57,6 +57,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(live: tuple[str, str]) -> str:
+    return live[0]
 
 
 def test_eval_compares_every_decoder(server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -84,3 +89,24 @@ def test_eval_refuses_an_unknown_decoder(server: str, tmp_path: Path, capsys: py
     args = ["eval", "--server", server, "--tasks", "arithmetic:1", "--decoders", "nope", "--out", str(tmp_path)]
     assert main([*args, "--no-progress"]) == 2
     assert "no decoder 'nope'" in capsys.readouterr().err
+
+
+def test_teacher_over_http(live: tuple[str, str], tmp_path: Path) -> None:
+    """``distill teacher --server``: prompts go as token ids, ids come back re-tokenised and
+    confirmed against the response's per-token strings; the self-reward is the server's."""
+    url, base = live
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "messages": [{"role": "user", "content": "What is 2 + 3?"}]}\n{"prompt": "x"}\n')
+    out = tmp_path / "samples.jsonl"
+    args = ["distill", "teacher", "--prompts", str(prompts), "--out", str(out), "--server", url, "--tokenizer", base]
+    args += ["--param", "block_size=4", "--param", "mcmc_steps=1", "--max-tokens", "6", "--no-progress"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt_id"] for r in sorted(records, key=lambda r: r["prompt_id"])] == ["2", "a"]
+    for r in records:
+        assert r["source"] == url and r["decoder"] == "power_mcmc" and r["params"]["block_size"] == 4
+        assert r["base"]["model"] == "base" and r["self_reward"]["sum_logprob"] < 0
+        assert r["cost"]["tokens_generated"] >= 1 and 1 <= len(r["completion_ids"]) <= 6
+    assert all(r["ids_exact"] for r in records)
+    assert main(args) == 0  # nothing left to draw
+    assert len(out.read_text().splitlines()) == 2

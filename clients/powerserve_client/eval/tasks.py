@@ -182,3 +182,22 @@ def load_task_sets(spec: str) -> dict[str, list[Task]]:
     if not out:
         raise ValueError("no task set given")
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m powerserve_client.eval.tasks N --seed S``: print N arithmetic problems as a
+    prompt file for ``powerserve distill teacher`` (use a seed other than the eval set's)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m powerserve_client.eval.tasks", description=main.__doc__)
+    parser.add_argument("n", type=int)
+    parser.add_argument("--seed", type=int, default=2026)
+    ns = parser.parse_args(argv)
+    for line in arithmetic_prompts(ns.n, ns.seed):
+        print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -187,6 +187,7 @@ class HttpSource(Source):
         self.client, self.model, self.decoder = client, model, decoder
         self.params = params
         self.tokenizer = tokenizer
+        self._by_string: dict[str, list[int]] | None = None  # decoded token string -> ids
         self.base = {
             "model": model,
             "path": None,
@@ -251,14 +252,30 @@ class HttpSource(Source):
         return Drawn(ids, choice["text"], choice["finish_reason"], info["self_reward"], cost, exact)
 
     def _token_ids(self, choice: dict[str, Any]) -> tuple[list[int], bool]:
-        """Re-tokenise the text; exact when each id decodes to the server's token string."""
+        """The completion's token ids, and whether they are surely the ones the server sampled.
+
+        1. Re-tokenise the text (plus the end-of-sequence token when it stopped); exact when
+           each id decodes to the server's per-token string.
+        2. Else map each per-token string back through the vocabulary; exact when every one
+           of them is the decoding of a single id.
+        3. Else keep the re-tokenised ids, marked inexact (the training stage skips them).
+        """
         tok = self.tokenizer
-        tokens = (choice.get("logprobs") or {}).get("tokens") or []
+        tokens: list[str] = (choice.get("logprobs") or {}).get("tokens") or []
         ids = list(tok.encode(choice["text"], add_special_tokens=False))
         if len(tokens) == len(ids) + 1 and choice["finish_reason"] == "stop":
             ids.append(int(tok.convert_tokens_to_ids(tokens[-1])))  # the end-of-sequence token
-        exact = len(ids) == len(tokens) and all(tok.decode([i]) == s for i, s in zip(ids, tokens, strict=True))
-        return ids, exact
+        if len(ids) == len(tokens) and all(tok.decode([i]) == s for i, s in zip(ids, tokens, strict=True)):
+            return ids, True
+        if self._by_string is None:
+            by_string: dict[str, list[int]] = {}
+            for i in range(len(tok)):
+                by_string.setdefault(tok.decode([i]), []).append(i)
+            self._by_string = by_string
+        mapped = [self._by_string.get(s, []) for s in tokens]
+        if tokens and all(len(m) == 1 for m in mapped):
+            return [m[0] for m in mapped], True
+        return ids, False
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -109,6 +109,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> Manifest:
         log.warning("%s ends with a partial line (an interrupted teacher run); it is ignored", cfg.samples)
     if not records:
         raise DistillError(f"{cfg.samples} holds no samples: run `powerserve distill teacher` first")
+    inexact = sum(1 for r in records if r.get("ids_exact") is False)
+    if inexact:
+        log.warning("skipping %d samples whose token ids could not be recovered exactly (HTTP teacher)", inexact)
+        records = [r for r in records if r.get("ids_exact") is not False]
+        if not records:
+            raise DistillError(f"no sample of {cfg.samples} has exact token ids: draw them in-process")
 
     import torch
     import transformers
@@ -160,7 +166,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Manifest:
             data={
                 "path": str(cfg.samples),
                 "sha256": data_sha256(cfg.samples),
-                "samples": len(records),
+                "samples": len(records) + inexact,
+                "skipped_inexact_ids": inexact,
                 "used": len(examples),
                 "prompts": len({r["prompt_id"] for r in records}),
                 "completion_tokens": sum(len(r["completion_ids"]) for r in records),
