@@ -10,7 +10,11 @@ if ! command -v chromium >/dev/null 2>&1; then
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 . .venv/bin/activate
-echo "== ruff" && ruff check server clients tests benchmarks && ruff format --check server clients tests benchmarks
-echo "== mypy" && mypy
+# One command per line: under `set -e` a failure inside an `a && b` list would not stop the script.
+echo "== ruff"
+ruff check server clients tests benchmarks
+ruff format --check server clients tests benchmarks
+echo "== mypy"
+mypy
 echo "== pytest"
 python -m pytest -q -ra --durations=15 "$@"

@@ -16,11 +16,11 @@ import httpx
 import pytest
 from benchmarks.soak import ServerProcess
 from prometheus_client.parser import text_string_to_metric_families
+
+from powerserve.model_store import ensure_embedded_checkpoint
 from tests.dashboard.live_server import LiveServer
 from tests.serving.conftest import MODEL, engine, tokenizer  # noqa: F401 (session fixtures shared with tests/serving)
 from tests.tiny_model import save_tiny_checkpoint
-
-from powerserve.model_store import ensure_embedded_checkpoint
 
 __all__ = ["MODEL", "LiveServer", "ServerProcess"]
 

@@ -11,6 +11,7 @@ import asyncio
 from typing import Any
 
 import httpx
+
 from tests.reliability.conftest import (
     LONG_MCMC,
     LONG_MCMC_SETTINGS,

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from benchmarks.soak import SoakSpec, main, soak
+
 from tests.reliability.conftest import metric
 
 

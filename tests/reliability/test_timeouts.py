@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from tests.reliability.conftest import (
     LONG_MCMC,
     LONG_MCMC_SETTINGS,
