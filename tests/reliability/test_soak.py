@@ -45,6 +45,13 @@ def test_soak_refuses_non_loopback_servers(url: str) -> None:
 
 
 def test_soak_is_bounded() -> None:
-    for bad in ({"duration_s": 0}, {"duration_s": 10**6}, {"concurrency": 1000}, {"max_requests": 0}):
+    bad_values: list[dict[str, Any]] = [
+        {"duration_s": 0},
+        {"duration_s": 10**6},
+        {"concurrency": 1000},
+        {"max_requests": 0},
+        {"abandon": 1.0},
+    ]
+    for bad in bad_values:
         with pytest.raises(ValueError):
             SoakSpec(base_url="http://127.0.0.1:8000", **bad)

@@ -21,7 +21,7 @@ from powerserve.protocol import (
     DeltaMessage,
     TopLogprob,
 )
-from powerserve.serving.plan import build_plan
+from powerserve.serving.plan import build_plan, encode_text
 from powerserve.serving.runner import ChoiceResult, Delta, Outcome, Runner
 from powerserve.serving.state import ServerState
 from powerserve.serving.streaming import cancel_on_disconnect, stream_events
@@ -33,8 +33,7 @@ def _prompt_ids(state: ServerState, body: ChatCompletionRequest) -> tuple[int, .
         raise BadRequestError("this model has no chat template; use /v1/completions", param="messages")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tok.encode(text, add_special_tokens=False)
-    return tuple(ids)
+    return tuple(encode_text(state, text, "messages", add_special_tokens=False))
 
 
 def _runner(state: ServerState, body: ChatCompletionRequest) -> Runner:

@@ -9,6 +9,7 @@ naming the offending parameter.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,23 +97,72 @@ def resolve_decoder(state: ServerState, name: str, raw: dict[str, Any]) -> tuple
 def tokenize_prompts(
     state: ServerState, prompt: str | list[str] | list[int] | list[list[int]]
 ) -> list[tuple[int, ...]]:
+    """Token ids of each prompt. Oversized input is refused before the tokenizer (or a scan of
+    its ids) spends time on it: too many prompts, a text or id list that cannot fit the context."""
     vocab = _vocab_size(state)
+    # The request model admits only homogeneous lists, so the first item tells which kind.
     if isinstance(prompt, str):
-        prompts: list[list[int]] = [state.tokenizer.encode(prompt)]
+        prompts: list[list[int]] = [encode_text(state, prompt, "prompt")]
     elif not prompt:
         raise BadRequestError("prompt must not be empty", param="prompt")
-    elif all(isinstance(p, int) for p in prompt):
+    elif isinstance(prompt[0], int):
+        _check_fits(state, len(prompt), "prompt")
         prompts = [list(prompt)]  # type: ignore[arg-type]
-    elif all(isinstance(p, str) for p in prompt):
-        prompts = [state.tokenizer.encode(p) for p in prompt]  # type: ignore[arg-type]
+    elif len(prompt) > state.settings.max_n:
+        raise BadRequestError(f"at most {state.settings.max_n} prompts per request on this server", param="prompt")
+    elif isinstance(prompt[0], str):
+        prompts = [encode_text(state, p, "prompt") for p in prompt]  # type: ignore[arg-type]
     else:
         prompts = [list(p) for p in prompt]  # type: ignore[arg-type]
     for ids in prompts:
         if not ids:
             raise BadRequestError("prompt must contain at least one token", param="prompt")
+        _check_fits(state, len(ids), "prompt")
         if vocab is not None and any(not 0 <= t < vocab for t in ids):
             raise BadRequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
     return [tuple(ids) for ids in prompts]
+
+
+def encode_text(state: ServerState, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+    """Tokenize one prompt text, refusing first what cannot be encoded or cannot fit.
+
+    1. A lone surrogate (a valid JSON escape such as ``\\ud800``, but not Unicode text) is a 400,
+       not a tokenizer crash.
+    2. No token spans more than L characters (the longest vocabulary entry), so a text of C
+       characters has at least C / L tokens. From C >= 4 * L * context it cannot fit (the factor
+       4 covers normalisers that shrink text) and is refused without tokenizing: a 20 MB prompt
+       would otherwise hold the event loop for about a minute.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequestError(f"{param} is not valid Unicode (it contains a lone surrogate)", param=param) from None
+    context = state.engine.max_model_len
+    if len(text) >= 4 * context:
+        longest = _longest_token_chars(state.tokenizer)
+        if len(text) >= 4 * longest * context:
+            raise BadRequestError(
+                f"This model's maximum context length is {context} tokens; the {param} has {len(text)} "
+                f"characters, at least {len(text) // longest} tokens.",
+                param=param,
+                code="context_length_exceeded",
+            )
+    return list(state.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _check_fits(state: ServerState, length: int, param: str) -> None:
+    context = state.engine.max_model_len
+    if length >= context:
+        raise BadRequestError(
+            f"This model's maximum context length is {context} tokens; the prompt has {length}.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _longest_token_chars(tokenizer: Any) -> int:
+    return max((len(token) for token in tokenizer.get_vocab()), default=1)
 
 
 def _vocab_size(state: ServerState) -> int | None:
@@ -136,12 +186,7 @@ def build_plan(
         raise BadRequestError(f"prompts x n must be at most {settings.max_n} on this server", param="n")
     context = state.engine.max_model_len
     longest = max(len(p) for p in prompts)
-    if longest >= context:
-        raise BadRequestError(
-            f"This model's maximum context length is {context} tokens; the prompt has {longest}.",
-            param="prompt",
-            code="context_length_exceeded",
-        )
+    _check_fits(state, longest, "prompt")
     if requested_max_tokens is None:
         max_tokens = min(settings.default_max_tokens, context - longest)
     else:
