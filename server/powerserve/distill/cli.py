@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,8 @@ def _guard(fn: Any, interrupted: str, progress: bool) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    # SIGTERM (a plain `kill`) stops like Ctrl-C: written samples stay, temporary files go.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code: int = fn()
         return code
@@ -145,6 +148,10 @@ def _guard(fn: Any, interrupted: str, progress: bool) -> int:
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _params(items: list[str]) -> dict[str, Any]:
