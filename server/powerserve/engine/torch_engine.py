@@ -1,16 +1,22 @@
 """``torch``: a plain PyTorch / transformers engine, the exact reference for the other engines.
 
-It samples one sequence at a time with a KV cache, and computes both log-probabilities of
-every sampled token exactly from the same logits: ``logp`` from the raw logits, ``logq`` from
-the distribution it actually draws from (temperature, then top-k, then top-p, as vLLM does).
+It computes both log-probabilities of every sampled token exactly from the same logits:
+``logp`` from the raw logits, ``logq`` from the distribution it actually draws from
+(temperature, then top-k, then top-p, as vLLM does).
+
+Concurrent calls are batched continuously: the live sequences of all ``generate`` calls share
+one KV cache and advance together, one forward per step over the batch of their last tokens.
+A new call joins at the next step (its prompt is prefilled on its own first); a finished or
+abandoned one leaves. Each sequence samples with its own ``torch.Generator``, so a seeded call
+draws the same tokens whatever else is in the batch.
 
 A small LRU *prefix cache* keeps the KV caches of recently processed sequences. A later call
 whose prompt shares a prefix with one of them runs the model only on the new tokens: this is
 what makes Metropolis-Hastings proposals (resample the suffix of a sequence the engine has
-just generated) cost one forward per new token instead of a whole prefill.
+just generated) cost one batched step per new token instead of a whole prefill.
 
-All model work runs on one dedicated worker thread: model access is serialised, the event
-loop stays free, and a cancelled call stops before its next forward.
+All model work runs on one dedicated worker thread: model access is serialised and the event
+loop stays free.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import contextlib
 import functools
 import inspect
 import secrets
-from collections import OrderedDict
+import threading
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +42,8 @@ from powerserve.engine.base import Engine, EngineStats, SamplingSpec, TokenStep
 T = TypeVar("T")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [batch, heads, columns, dim]
 
 
 # --- sampling maths: pure functions on one row of logits -------------------------------------
@@ -85,13 +94,10 @@ def sample_step(logits: torch.Tensor, spec: SamplingSpec, generator: torch.Gener
 
 @dataclass(slots=True)
 class _Sequence:
-    """A live KV cache and the tokens whose keys and values it holds.
+    """One sequence's own KV cache, holding the keys and values of ``tokens``; the first
+    ``reused`` of them came from the prefix cache."""
 
-    ``cache`` is None until the worker opens it; ``reused`` counts the tokens it then took
-    from the prefix cache.
-    """
-
-    cache: DynamicCache | None = None
+    cache: DynamicCache
     tokens: list[int] = field(default_factory=list)
     reused: int = 0
 
@@ -159,14 +165,149 @@ class PrefixCache:
         self._size -= len(key)
 
 
+def _layers(cache: DynamicCache) -> KV | None:
+    """The per-layer tensors of a cache of full-attention layers; None before its first forward."""
+    out = []
+    for layer in cache.layers:
+        if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
+            return None
+        if layer.keys.dim() != 4:  # initialised but never filled
+            return None
+        out.append((layer.keys, layer.values))
+    return out
+
+
+def _pad_left(kv: KV | None, like: KV, rows: int, columns: int) -> KV:
+    """``kv`` ([rows, h, W, d] per layer, None for W = 0) with ``columns`` zero columns in front;
+    ``like`` gives the head counts, sizes, dtype and device."""
+    out = []
+    for i, (k_ref, v_ref) in enumerate(like):
+        k0 = k_ref.new_zeros(rows, k_ref.shape[1], columns, k_ref.shape[3])
+        v0 = v_ref.new_zeros(rows, v_ref.shape[1], columns, v_ref.shape[3])
+        if kv is None:
+            out.append((k0, v0))
+        else:
+            k, v = kv[i]
+            out.append((torch.cat([k0, k], dim=-2), torch.cat([v0, v], dim=-2)) if columns else (k, v))
+    return out
+
+
+# --- continuous batching ----------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Row:
+    """One ``generate`` call: its sampling state (worker side) and its output queue (caller side).
+
+    In its batch the row's keys and values fill the columns ``start`` .. width - 1, holding
+    ``tokens`` at positions 0 .. len(tokens) - 1; ``pending`` is fed at the next step, at
+    position len(tokens). The queue receives (step, rows in that step's forward) or the
+    exception that ended the row.
+    """
+
+    prompt: list[int]
+    spec: SamplingSpec
+    generator: torch.Generator
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[tuple[TokenStep, int] | BaseException]
+    tokens: list[int] = field(default_factory=list)
+    pending: int = -1
+    start: int = 0
+    produced: int = 0
+    reused: int = 0
+    finished: bool = False  # worker side: its last token is sampled
+    closed: bool = False  # caller side: nobody listens any more
+
+    def deliver(self, item: tuple[TokenStep, int] | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed
+            self.closed = True
+
+
+class _Batch:
+    """Rows that share one KV cache and advance together, one column per step.
+
+    Layer tensors are [B, heads, width, dim], row b's real tokens in its columns ``start`` ..
+    width - 1 and zeros (masked out) before them: rows are left-padded to a common width. Each
+    row's tokens are contiguous, so its attention mask row is ``column >= start``. RoPE takes
+    each row's own positions (passed explicitly), so where a key sits does not matter.
+    """
+
+    def __init__(self, config: Any, row: _Row, seq: _Sequence) -> None:
+        """A batch of ``row`` alone, whose own cache ``seq`` holds ``row.tokens``."""
+        self.config = config
+        self.rows, self.cache, self.width, row.start = [row], seq.cache, len(row.tokens), 0
+
+    def join(self, row: _Row, seq: _Sequence) -> None:
+        """Add ``row`` whose own cache ``seq`` holds ``row.tokens`` ([1, h, n, d] per layer)."""
+        n = len(row.tokens)
+        ours, theirs = _layers(self.cache), _layers(seq.cache)
+        like = ours or theirs
+        if like is not None:
+            width = max(self.width, n)
+            ours = _pad_left(ours, like, len(self.rows), width - self.width)
+            theirs = _pad_left(theirs, like, 1, width - n)
+            kv = [(torch.cat([k, k1]), torch.cat([v, v1])) for (k, v), (k1, v1) in zip(ours, theirs, strict=True)]
+            self.cache = DynamicCache(ddp_cache_data=kv, config=self.config)
+            for r in self.rows:
+                r.start += width - self.width
+            self.width = width
+        row.start = self.width - n
+        self.rows.append(row)
+
+    def step_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Model inputs for one step: each row's pending token at its own next position."""
+        width = self.width
+        starts = torch.tensor([r.start for r in self.rows], device=device)
+        return {
+            "input_ids": torch.tensor([[r.pending] for r in self.rows], device=device),  # [B, 1]
+            "position_ids": torch.tensor([[len(r.tokens)] for r in self.rows], device=device),  # [B, 1]
+            # [B, width + 1]: 1 on the row's own columns, the new one included.
+            "attention_mask": (torch.arange(width + 1, device=device)[None, :] >= starts[:, None]).long(),
+        }
+
+    def snapshot(self, b: int) -> _Snapshot | None:
+        """Row b's keys and values, copied out of the batch (a view would keep it all alive)."""
+        row, kv = self.rows[b], _layers(self.cache)
+        if kv is None or self.width - row.start != len(row.tokens):
+            return None
+        if len(self.rows) == 1 and row.start == 0:  # the cache is the row's own
+            return _Snapshot(tuple(row.tokens), tuple(kv))
+        layers = tuple((k[b : b + 1, :, row.start :].clone(), v[b : b + 1, :, row.start :].clone()) for k, v in kv)
+        return _Snapshot(tuple(row.tokens), layers)
+
+    def drop(self, gone: set[int]) -> None:
+        """Remove rows ``gone`` (indices), then the columns no remaining row uses."""
+        keep = [b for b in range(len(self.rows)) if b not in gone]
+        if not keep:  # the batch is about to be discarded
+            self.rows = []
+            return
+        rows = [self.rows[b] for b in keep]
+        unused = min(r.start for r in rows)
+        kv = _layers(self.cache)
+        if kv is not None:
+            index = torch.tensor(keep, device=kv[0][0].device)
+            kv = [(k.index_select(0, index)[:, :, unused:], v.index_select(0, index)[:, :, unused:]) for k, v in kv]
+            self.cache = DynamicCache(ddp_cache_data=kv, config=self.config)
+        for r in rows:
+            r.start -= unused
+        self.rows, self.width = rows, self.width - unused
+
+
 # --- the engine -------------------------------------------------------------------------------
 
 
 class TorchEngine(Engine):
-    """Reference engine on a ``transformers`` causal LM; one sequence per forward.
+    """Reference engine on a ``transformers`` causal LM, with continuous batching.
 
     ``prefix_cache_tokens`` bounds the prefix cache (total tokens over all entries; 0 turns it
-    off). Concurrent calls are interleaved forward by forward, not batched.
+    off). ``max_batch_size`` bounds the sequences decoded together; later calls wait their turn.
+    Models with other than full-attention layers (sliding windows) cannot share a padded cache:
+    their sequences each get a batch of one.
+
+    Counters of the work done: ``forward_count`` (model forwards of any kind), ``decode_steps``
+    (batched decode forwards) and ``decoded_rows`` (sequences over all decode steps).
     """
 
     name = "torch"
@@ -180,21 +321,33 @@ class TorchEngine(Engine):
         max_model_len: int,
         eos_token_ids: frozenset[int],
         prefix_cache_tokens: int = 16_384,
+        max_batch_size: int = 64,
     ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_batch_size = max_batch_size
         self.device = next(model.parameters()).device
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
+        self.forward_count = self.decode_steps = self.decoded_rows = 0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-engine")
         self._closed = False
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-        # Full-attention layers only: a sliding-window layer drops old keys, so its cache
-        # cannot be cut back to an arbitrary prefix.
+        # Full-attention layers only: a sliding-window layer drops old keys, so its cache can be
+        # neither cut back to an arbitrary prefix nor padded into a shared batch.
         probe = DynamicCache(config=model.config)
-        self._prefix_reuse = prefix_cache_tokens > 0 and all(type(layer) is DynamicLayer for layer in probe.layers)
+        self._full_attention = all(type(layer) is DynamicLayer for layer in probe.layers)
+        self._prefix_reuse = prefix_cache_tokens > 0 and self._full_attention
+        # The scheduler: calls queue in ``_joining`` (appended on the event loop, taken on the
+        # worker); ``_batches`` lives on the worker; one ``_step`` at a time is queued.
+        self._joining: deque[_Row] = deque()
+        self._batches: list[_Batch] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
 
     @classmethod
     def load(
@@ -206,6 +359,7 @@ class TorchEngine(Engine):
         dtype: str = "auto",
         device: str | None = None,
         prefix_cache_tokens: int = 16_384,
+        max_batch_size: int = 64,
     ) -> TorchEngine:
         """Load a Hugging Face checkpoint directory.
 
@@ -236,6 +390,7 @@ class TorchEngine(Engine):
             max_model_len=max_model_len,
             eos_token_ids=frozenset(eos),
             prefix_cache_tokens=prefix_cache_tokens,
+            max_batch_size=max_batch_size,
         )
 
     # --- Engine interface ---------------------------------------------------------------------
@@ -245,35 +400,39 @@ class TorchEngine(Engine):
     ) -> AsyncIterator[TokenStep]:
         """Sample token by token; see :meth:`Engine.generate`.
 
-        1. Take the longest cached prefix of the prompt (at most len(prompt) - 1 tokens, so
-           at least one token is fed) and run the model on the rest of the prompt.
-        2. Per token: draw from q with this call's own generator (seeded by ``spec.seed``),
-           yield it, feed it back as the next single-token forward.
-        3. On exit, however it happens, remember the sequence's KV cache for later calls.
+        1. Queue a row for the scheduler (:meth:`_step`), with this call's own generator
+           (seeded by ``spec.seed``).
+        2. The scheduler prefills the prompt, reusing the longest cached prefix, then samples
+           the row's tokens in batched steps and sends each here as soon as it is drawn. It
+           does not wait for this caller to consume them.
+        3. Closing the iterator (or cancelling its task) marks the row closed; the scheduler
+           drops it before its next step and remembers its KV cache for later calls.
         """
         prompt = list(prompt_ids)
         self._check_lengths(len(prompt), spec.max_tokens)
+        if self._closed:
+            raise RuntimeError("the torch engine has been shut down")
         stats.calls += 1
         seed = spec.seed if spec.seed is not None else secrets.randbits(63)
         generator = torch.Generator(device="cpu").manual_seed(seed % 2**64)
-        seq = _Sequence()
+        row = _Row(prompt, spec, generator, asyncio.get_running_loop(), asyncio.Queue())
+        self._joining.append(row)
+        self._wake()
         try:
-            pending = prompt
             for i in range(spec.max_tokens):
-                step = await self._on_worker(self._decode_step, seq, pending, spec, generator)
+                item = await row.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                step, batch_rows = item
                 if i == 0:
-                    _add_hits(stats, seq.reused)
+                    _add(stats, "prefix_cache_hit_tokens", row.reused)
+                _add(stats, "batched_rows", batch_rows)
                 stats.tokens_generated += 1
                 yield step
                 if step.token_id in self.eos_token_ids:
                     return
-                pending = [step.token_id]
         finally:
-            # Queued behind any forward still running for this sequence, so the snapshot
-            # sees a cache that matches ``seq.tokens``. No await: this also runs on close.
-            if not self._closed:
-                with contextlib.suppress(RuntimeError):  # shut down in the meantime
-                    self._worker.submit(self._remember, seq)
+            row.closed = True
 
     async def score(self, prompt_ids: Sequence[int], token_ids: Sequence[int], stats: EngineStats) -> list[float]:
         """Raw log p of each of ``token_ids`` after ``prompt_ids`` and the tokens before it.
@@ -304,9 +463,116 @@ class TorchEngine(Engine):
     async def shutdown(self) -> None:
         self._closed = True
         await asyncio.to_thread(self._worker.shutdown, wait=True, cancel_futures=True)
+        for row in [*self._joining, *(r for batch in self._batches for r in batch.rows)]:
+            row.deliver(RuntimeError("the torch engine has been shut down"))
+        self._joining.clear()
+        self._batches.clear()
         self.prefix_cache.clear()
 
-    # --- worker-thread side -------------------------------------------------------------------
+    # --- the scheduler (worker thread) --------------------------------------------------------
+
+    def _wake(self) -> None:
+        """Queue one :meth:`_step` on the worker unless one is queued already."""
+        with self._lock:
+            if self._scheduled or self._closed:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # shut down in the meantime
+            self._worker.submit(self._step)
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        """One scheduler step; it queues the next one while there is work.
+
+        1. Drop the rows whose callers stopped listening (remembering their caches).
+        2. Admit waiting calls up to ``max_batch_size`` rows: prefill each, join a batch.
+        3. Per batch: one forward over every row's pending token; each row samples its next
+           token with its own spec and generator and sends it to its caller.
+        4. Drop the finished rows (remembering their caches).
+
+        Other worker jobs (:meth:`score`, ...) queued meanwhile run between two steps.
+        """
+        with self._lock:
+            self._scheduled = False
+        try:
+            if self._closed:
+                return
+            self._retire()
+            self._admit()
+            for batch in list(self._batches):
+                self._decode(batch)
+            self._retire()
+        finally:
+            if self._joining or self._batches:
+                self._wake()
+
+    def _admit(self) -> None:
+        live = sum(len(batch.rows) for batch in self._batches)
+        while self._joining and live < self.max_batch_size:
+            row = self._joining.popleft()
+            if row.closed:
+                continue
+            try:
+                seq = self._prefill(row.prompt)
+            except Exception as error:
+                row.deliver(error)
+                continue
+            row.tokens, row.pending, row.reused = seq.tokens, row.prompt[-1], seq.reused
+            if self._batches and self._full_attention:
+                self._batches[0].join(row, seq)
+            else:
+                self._batches.append(_Batch(self.model.config, row, seq))
+            live += 1
+
+    def _prefill(self, prompt: list[int]) -> _Sequence:
+        """A cache of ``prompt[:-1]``, from its longest cached prefix; the last prompt token is
+        left for the first batched step. The result is remembered at once, so that concurrent
+        calls with the same prompt prefill it only once."""
+        seq = self._open(prompt, len(prompt) - 1)
+        rest = prompt[len(seq.tokens) : -1]
+        if rest:
+            self._forward(seq, rest, all_logits=False)
+            self._remember(seq)
+        return seq
+
+    def _decode(self, batch: _Batch) -> None:
+        rows = batch.rows
+        try:
+            logits = self._run(batch.step_inputs(self.device), batch.cache, all_logits=False)[:, -1]  # [B, V]
+            logits = logits.float().cpu()
+        except Exception as error:  # the batch's cache is no longer consistent: end its rows
+            self._batches.remove(batch)
+            for row in rows:
+                row.deliver(error)
+            return
+        batch.width += 1
+        self.decode_steps += 1
+        self.decoded_rows += len(rows)
+        for b, row in enumerate(rows):
+            row.tokens.append(row.pending)
+            if row.closed:
+                continue
+            step = sample_step(logits[b], row.spec, row.generator)
+            row.pending = step.token_id
+            row.produced += 1
+            row.finished = step.token_id in self.eos_token_ids or row.produced == row.spec.max_tokens
+            row.deliver((step, len(rows)))
+
+    def _retire(self) -> None:
+        for batch in list(self._batches):
+            gone = {b for b, row in enumerate(batch.rows) if row.finished or row.closed}
+            if not gone:
+                continue
+            if self._prefix_reuse:
+                for b in gone:
+                    snap = batch.snapshot(b)
+                    if snap is not None:
+                        self.prefix_cache.put(snap)
+            batch.drop(gone)
+            if not batch.rows:
+                self._batches.remove(batch)
+
+    # --- single-sequence work (worker thread) -------------------------------------------------
 
     async def _on_worker(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
@@ -314,39 +580,30 @@ class TorchEngine(Engine):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._worker, functools.partial(fn, *args))
 
-    def _open(self, seq: _Sequence, tokens: list[int]) -> None:
-        """Give ``seq`` a cache for ``tokens`` from their longest cached prefix (< len(tokens))."""
+    def _open(self, tokens: list[int], limit: int) -> _Sequence:
+        """A cache for the longest cached prefix of ``tokens``, at most ``limit`` tokens long."""
         snap, n = self.prefix_cache.longest_prefix(tokens) if self._prefix_reuse else (None, 0)
-        n = min(n, len(tokens) - 1)
+        n = min(n, limit)
         if snap is None or n <= 0:
-            seq.cache = DynamicCache(config=self.model.config)
-            return
+            return _Sequence(DynamicCache(config=self.model.config))
         layers = [(k[..., :n, :], v[..., :n, :]) for k, v in snap.layers]
-        seq.cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
-        seq.tokens, seq.reused = list(tokens[:n]), n
+        return _Sequence(DynamicCache(ddp_cache_data=layers, config=self.model.config), list(tokens[:n]), n)
 
-    @torch.inference_mode()
+    def _run(self, inputs: dict[str, torch.Tensor], cache: DynamicCache, all_logits: bool) -> torch.Tensor:
+        """One forward on top of ``cache``; logits [B, S, V] (or [B, 1, V] unless ``all_logits``)."""
+        # Only the last position's logits are needed while decoding: skip the rest of the head.
+        extra = {"logits_to_keep": 1} if self._keeps_logits and not all_logits else {}
+        self.forward_count += 1
+        out = self.model(**inputs, past_key_values=cache, use_cache=True, **extra)
+        logits: torch.Tensor = out.logits
+        return logits
+
     def _forward(self, seq: _Sequence, new_tokens: list[int], all_logits: bool) -> torch.Tensor:
         """Run ``new_tokens`` through the model on top of ``seq``; logits [n, V] (or [1, V])."""
         input_ids = torch.tensor([new_tokens], dtype=torch.long, device=self.device)
-        # Only the last position's logits are needed while decoding: skip the rest of the head.
-        extra = {"logits_to_keep": 1} if self._keeps_logits and not all_logits else {}
-        out = self.model(input_ids=input_ids, past_key_values=seq.cache, use_cache=True, **extra)
+        logits = self._run({"input_ids": input_ids}, seq.cache, all_logits)[0]
         seq.tokens.extend(new_tokens)
-        logits: torch.Tensor = out.logits[0]
         return logits
-
-    @torch.inference_mode()
-    def _decode_step(
-        self, seq: _Sequence, new_tokens: list[int], spec: SamplingSpec, generator: torch.Generator
-    ) -> TokenStep:
-        """Feed ``new_tokens`` and draw the next token; the first step opens the cache and
-        gets the whole prompt (one hop to the worker per token)."""
-        if seq.cache is None:
-            self._open(seq, new_tokens)
-            new_tokens = new_tokens[seq.reused :]
-        logits = self._forward(seq, new_tokens, all_logits=False)[-1]
-        return sample_step(logits.float().cpu(), spec, generator)
 
     async def _raw(
         self,
@@ -363,7 +620,7 @@ class TorchEngine(Engine):
         if not tokens:
             return []
         result, reused = await self._on_worker(self._raw_on_worker, prompt, tokens, reduce)
-        _add_hits(stats, reused)
+        _add(stats, "prefix_cache_hit_tokens", reused)
         return result
 
     @torch.inference_mode()
@@ -371,22 +628,18 @@ class TorchEngine(Engine):
         self, prompt: list[int], tokens: list[int], reduce: Callable[[torch.Tensor], list[T]]
     ) -> tuple[list[T], int]:
         full = prompt + tokens
-        seq = _Sequence()
-        self._open(seq, full[: len(prompt)])
+        seq = self._open(full, len(prompt) - 1)
         # logits[i] predicts full[reused + i + 1]; the first scored token is full[len(prompt)].
         logits = self._forward(seq, full[seq.reused :], all_logits=True)[len(prompt) - 1 - seq.reused : -1]
         self._remember(seq)
         return reduce(torch.log_softmax(logits.to(torch.float64), dim=-1)), seq.reused
 
     def _remember(self, seq: _Sequence) -> None:
-        if not self._prefix_reuse or seq.cache is None or not seq.tokens:
+        if not self._prefix_reuse or not seq.tokens:
             return
-        layers = []
-        for layer in seq.cache.layers:
-            assert isinstance(layer, DynamicLayer)
-            if layer.keys is None or layer.values is None or layer.keys.shape[-2] != len(seq.tokens):
-                return  # a forward failed half-way: this cache is not worth keeping
-            layers.append((layer.keys, layer.values))
+        layers = _layers(seq.cache)
+        if layers is None or layers[0][0].shape[-2] != len(seq.tokens):
+            return  # a forward failed half-way: this cache is not worth keeping
         self.prefix_cache.put(_Snapshot(tuple(seq.tokens), tuple(layers)))
 
     def _check_lengths(self, prompt_len: int, new_tokens: int) -> None:
@@ -398,5 +651,5 @@ class TorchEngine(Engine):
             )
 
 
-def _add_hits(stats: EngineStats, reused: int) -> None:
-    stats.extra["prefix_cache_hit_tokens"] = stats.extra.get("prefix_cache_hit_tokens", 0.0) + reused
+def _add(stats: EngineStats, key: str, value: float) -> None:
+    stats.extra[key] = stats.extra.get(key, 0.0) + value
