@@ -50,12 +50,12 @@ class Settings(BaseSettings):
 
     # Admission control, deadlines, shutdown
     max_running_weight: float = Field(
-        16,
+        64,
         ge=1,
         description="cost weight allowed to run at once (a standard sequence weighs 1, a power_mcmc "
         "sequence its expected cost multiplier)",
     )
-    max_queued_weight: float = Field(64, ge=0, description="cost weight allowed to wait; beyond it: 429")
+    max_queued_weight: float = Field(512, ge=0, description="cost weight allowed to wait; beyond it: 429")
     request_timeout_s: float = Field(600, gt=0, description="deadline per request, queueing included")
     drain_timeout_s: float = Field(30, ge=0, description="on SIGTERM: time to finish running work before cancelling it")
 
