@@ -18,14 +18,16 @@ def proposal_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_
 
     logits: [V], float64. Steps (vLLM's order and tie rules):
 
-    1. Temperature: z = logits / temperature.
+    1. Temperature: z = (logits - max logits) / temperature. The shift leaves the softmax as it
+       is and keeps a tiny temperature (5e-324 is a valid request) from overflowing to
+       inf - inf = NaN: it becomes greedy decoding.
     2. Top-k (k > 0): drop every token whose z is below the k-th largest z (ties are kept).
     3. Top-p (p < 1): sort the survivors by ascending probability; drop those whose cumulative
        probability is <= 1 - p, always keeping the most likely one. What is left is the
        smallest set of most likely tokens whose probability mass reaches p.
     4. log q = log_softmax(z) over the survivors (-inf elsewhere).
     """
-    z = logits / temperature
+    z = (logits - logits.max()) / temperature
     vocab = z.shape[-1]
     if (0 < top_k < vocab) or top_p < 1.0:
         z_sorted, order = z.sort(descending=False)

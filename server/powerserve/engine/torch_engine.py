@@ -301,7 +301,12 @@ class TorchEngine(Engine):
             row.tokens.append(row.pending)
             if row.closed:
                 continue
-            step = sample_step(logits[b], row.spec, row.generator)
+            try:
+                step = sample_step(logits[b], row.spec, row.generator)
+            except Exception as error:  # e.g. NaN logits: end this row, not every row after it
+                row.finished = True
+                row.deliver(error)
+                continue
             row.pending = step.token_id
             row.produced += 1
             row.finished = step.token_id in self.eos_token_ids or row.produced == row.spec.max_tokens
