@@ -24,12 +24,12 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
+from benchmarks.soak import decoder_bodies
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import response_schema_conformance
 
-from benchmarks.soak import decoder_bodies
 from powerserve_client.loadgen import check_loopback
 from tests.reliability.conftest import live, metric
 
