@@ -110,3 +110,16 @@ def test_teacher_over_http(live: tuple[str, str], tmp_path: Path) -> None:
     assert all(r["ids_exact"] for r in records)
     assert main(args) == 0  # nothing left to draw
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_teacher_over_http_reports_a_refused_request(
+    live: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, base = live
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "x"}\n')
+    args = ["distill", "teacher", "--prompts", str(prompts), "--out", str(tmp_path / "s.jsonl"), "--server", url]
+    # A budget beyond the server's context: the server answers 400 and the stage says so.
+    assert main([*args, "--tokenizer", base, "--max-tokens", "5000", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the server answered 400") and "Traceback" not in err

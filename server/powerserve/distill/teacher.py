@@ -394,9 +394,13 @@ async def _draw_all(
         summary.drawn += 1
         bar.update(1)
 
-    async with asyncio.TaskGroup() as group:
-        for _, item, j in todo:
-            group.create_task(one(item, j))
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _, item, j in todo:
+                group.create_task(one(item, j))
+    except ExceptionGroup as errors:
+        # One failed draw stops the stage (the others are cancelled): report its error.
+        raise errors.exceptions[0] from None
 
 
 def _check_same_teacher(
