@@ -104,7 +104,7 @@ def test_dashboard_covers_latency_cost_quality_and_request_states() -> None:
         "powerserve_self_reward_per_token_bucket",
         "powerserve_requests_running",
         "powerserve_requests_total",  # failed / cancelled
-        "vllm:num_requests_waiting",  # queued, until powerserve has its own queue
+        "powerserve_requests_queued",
     }
     assert required <= named, f"missing: {sorted(required - named)}"
     exprs = [e for _, e in queries(load_dashboard())]

@@ -14,7 +14,7 @@ import yaml
 
 from powerserve.settings import Settings
 from tests.deploy.conftest import DEPLOY
-from tests.deploy.series import vllm_loggers_source, vllm_series
+from tests.deploy.series import powerserve_series
 from tests.deploy.test_dockerfile import first, stages
 
 K8S = DEPLOY / "k8s"
@@ -126,7 +126,5 @@ def test_autoscaler_scales_the_deployment_on_the_adapted_queue_metric() -> None:
     assert series is not None
     served = re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${1}", r"\1"), series.group(0))
     assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == served
-    assert series.group(0) == "vllm:num_requests_waiting"  # the queue, until powerserve exports its own
-    source = vllm_loggers_source()
-    if source is not None:
-        assert series.group(0) in vllm_series(source)
+    assert series.group(0) == "powerserve_requests_queued"  # the admission queue
+    assert series.group(0) in powerserve_series()
