@@ -28,6 +28,11 @@ the correct chain's TV then has mean 0.029 and 99.9% quantile 0.111, hence TOLER
 0.15; temperature sampling (0.1% quantile 0.25 at N = 200) still fails it. That run also checks
 every token's log p and log q against the enumerated tables, which is what carries the
 high-N tabular results (and the broken-variant checks) over to the real engine.
+
+Both distribution checks also run with PARALLEL = 4 speculative proposals per step, at the
+same N and tolerance. On the deterministic tabular engine that chain is the one-at-a-time
+chain seed for seed (``test_power_mcmc_parallel.py`` checks this), so its empirical
+distribution is the same; on the torch engine the concurrent proposals share the engine.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ N_CHAINS = 2000
 TOLERANCE = 0.08
 N_TORCH = 200
 TOLERANCE_TORCH = 0.15
+PARALLEL = 4
 
 Dist = dict[tuple[int, ...], float]
 Acceptance = Callable[[float, Sequence[float], Sequence[float], Sequence[float], Sequence[float], int, int], float]
@@ -92,8 +98,10 @@ class Setup:
     target: Dist  # p^alpha / Z
     temperature: Dist  # token-level sampling at 1/alpha
 
-    def params(self, steps: int = MCMC_STEPS) -> PowerMcmcParams:
-        return PowerMcmcParams(alpha=self.case.alpha, block_size=MAX_TOKENS, mcmc_steps=steps)
+    def params(self, steps: int = MCMC_STEPS, parallel: int = 1) -> PowerMcmcParams:
+        return PowerMcmcParams(
+            alpha=self.case.alpha, block_size=MAX_TOKENS, mcmc_steps=steps, parallel_proposals=parallel
+        )
 
 
 @cache
@@ -218,11 +226,12 @@ def test_exact_kernel_converges_to_p_alpha_and_broken_kernels_do_not(case: Case)
         assert total_variation(chain_distribution(s, broken, MCMC_STEPS), s.target) > 2 * TOLERANCE
 
 
+@pytest.mark.parametrize("parallel", [1, PARALLEL])
 @pytest.mark.parametrize("case", CASES)
-async def test_power_mcmc_matches_p_alpha_and_temperature_does_not(case: Case) -> None:
+async def test_power_mcmc_matches_p_alpha_and_temperature_does_not(case: Case, parallel: int) -> None:
     s = setup(case)
     engine = tabular(s)
-    chains = empirical(await run_many(PowerMcmcDecoder(engine), s, s.params(), N_CHAINS))
+    chains = empirical(await run_many(PowerMcmcDecoder(engine), s, s.params(parallel=parallel), N_CHAINS))
     temperature = empirical(
         await run_many(TemperatureDecoder(engine), s, TemperatureParams(alpha=case.alpha), N_CHAINS)
     )
@@ -241,11 +250,12 @@ async def test_broken_acceptance_fails_the_same_check(
     assert total_variation(chains, s.target) > TOLERANCE
 
 
-async def test_power_mcmc_on_torch_engine() -> None:
+@pytest.mark.parametrize("parallel", [1, PARALLEL])
+async def test_power_mcmc_on_torch_engine(parallel: int) -> None:
     s = setup(SHARP)
     engine = TorchEngine(s.model, None, model_name="tiny", max_model_len=16, eos_token_ids=EOS)
     try:
-        runs = await run_many(PowerMcmcDecoder(engine), s, s.params(), N_TORCH)
+        runs = await run_many(PowerMcmcDecoder(engine), s, s.params(parallel=parallel), N_TORCH)
         temperature = empirical(
             await run_many(TemperatureDecoder(engine), s, TemperatureParams(alpha=SHARP.alpha), N_TORCH)
         )

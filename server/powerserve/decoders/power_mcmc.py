@@ -5,11 +5,19 @@ chain over whole continuations whose proposal is the model at temperature 1/alph
 the reference code it works in token ids only, takes the index-selection term into account
 when a proposal ends at a different length, and draws every random number from one
 per-request generator, so ``seed`` reproduces the whole chain.
+
+Proposals can be drawn speculatively, several at a time (``parallel_proposals``): while
+proposals are rejected the chain does not move, so the proposals of the next steps, drawn
+from the current state concurrently (and batched by the engine), are the ones the steps
+would draw anyway. Each step's random numbers are fixed in advance, so the chain is the same
+-- not just the same in distribution -- whatever the number of parallel proposals.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +36,16 @@ class PowerMcmcParams(DecoderParams):
     block_size: int = Field(192, ge=1, description="tokens added to the chain per block before its MCMC steps run")
     mcmc_steps: int = Field(
         10, ge=0, description="Metropolis-Hastings steps after each block (0: plain temperature 1/alpha)"
+    )
+    parallel_proposals: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "proposals of consecutive MH steps drawn concurrently from the current state, betting that "
+            "the earlier ones are rejected; the same chain, with lower latency on an engine that batches "
+            "and extra tokens for the proposals discarded after an acceptance (1: one at a time)"
+        ),
     )
 
 
@@ -61,6 +79,16 @@ def block_limits(max_tokens: int, block_size: int) -> list[int]:
     return [min(k * block_size, max_tokens) for k in range(1, -(-max_tokens // block_size) + 1)]
 
 
+def max_proposals(steps: int, parallel: int) -> int:
+    """Most proposals one block's ``steps`` MH steps can start with ``parallel`` in flight.
+
+    Every step's proposal is tested once; an acceptance at step s discards the proposals in
+    flight behind it, at most min(parallel - 1, steps - 1 - s) of them:
+        steps + sum_{s < steps} min(parallel - 1, steps - 1 - s).
+    """
+    return steps + sum(min(parallel - 1, steps - 1 - s) for s in range(steps))
+
+
 @dataclass(slots=True)
 class _Chain:
     """The chain state: generated tokens with their log p and log q."""
@@ -75,7 +103,39 @@ class _Chain:
         self.logq[i:] = suffix.logq
 
 
-_COUNTERS = ("tokens_proposed", "tokens_accepted", "proposals", "accepted_proposals")
+@dataclass(frozen=True, slots=True)
+class _StepDraws:
+    """The random numbers of one MH step, drawn before the step knows the chain's state.
+
+    ``u_pos`` picks the position (i = floor(u_pos * n(x))), ``seed`` seeds the proposal's
+    engine call and ``u_acc`` is the acceptance uniform.
+    """
+
+    u_pos: float
+    seed: int
+    u_acc: float
+
+    def position(self, n: int) -> int:
+        return min(int(self.u_pos * n), n - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Proposal:
+    """A proposal in flight for MH step ``step``: resample the chain from position ``i``."""
+
+    step: int
+    i: int
+    task: asyncio.Future[Continuation]
+
+
+_COUNTERS = (
+    "tokens_proposed",
+    "tokens_accepted",
+    "proposals",
+    "accepted_proposals",
+    "tokens_discarded",
+    "proposals_discarded",
+)
 
 
 def _add(stats: EngineStats, key: str, value: float) -> None:
@@ -95,13 +155,17 @@ class PowerMcmcDecoder(Decoder):
         """Upper bound on engine tokens (generated + scored) for one chain.
 
         With block limits L_k = min(k*B, T), block k extends the chain by at most
-        L_k - L_{k-1} tokens and each of its S steps resamples at most L_k tokens, so at most
-        T + S * sum_k L_k tokens are generated. An engine that cannot return log p while
-        sampling scores every generated token once more, hence the factor 2. (The average
-        step resamples about half the sequence, so the typical cost is well below this.)
+        L_k - L_{k-1} tokens and each proposal of its S steps resamples at most L_k tokens.
+        With P parallel proposals a block starts at most M = :func:`max_proposals` (S, P)
+        proposals (M = S when P = 1, at most S * P), so at most T + M * sum_k L_k tokens are
+        generated. An engine that cannot return log p while sampling scores every generated
+        token once more, hence the factor 2. (The average step resamples about half the
+        sequence and most discarded proposals are cut short, so the typical cost is well below
+        this.)
         """
         assert isinstance(params, PowerMcmcParams)
-        generated = max_tokens + params.mcmc_steps * sum(block_limits(max_tokens, params.block_size))
+        proposals = max_proposals(params.mcmc_steps, params.parallel_proposals)
+        generated = max_tokens + proposals * sum(block_limits(max_tokens, params.block_size))
         return 2.0 * generated
 
     async def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
@@ -115,13 +179,15 @@ class PowerMcmcDecoder(Decoder):
            positions; resample x[i:] from q after the prefix x[:i] up to length L_k, giving x';
            accept with probability min(1, A),
                log A = alpha*(S_p(x') - S_p(x)) + (S_q(x) - S_q(x')) + log(n(x)/n(x')),
-           with S_p, S_q the sums of log p and log q over the suffixes from i.
+           with S_p, S_q the sums of log p and log q over the suffixes from i
+           (:meth:`_mh_steps` runs them, several proposals at a time if asked).
         3. Stop after the block if x ended with EOS.
 
         Within a block the chain leaves p^alpha (restricted to length <= L_k) invariant, so
-        the last block (L_k = max_tokens) targets p(x)^alpha / Z exactly. All randomness --
-        positions, acceptance uniforms and the seed of every engine call -- comes from one
-        generator seeded with ``request.seed`` (fresh entropy if None).
+        the last block (L_k = max_tokens) targets p(x)^alpha / Z exactly. All randomness comes
+        from one generator seeded with ``request.seed`` (fresh entropy if None), in a fixed
+        order: per block, the extension's engine seed, then the ``mcmc_steps`` triples
+        (position uniform, engine seed, acceptance uniform) of its steps.
         """
         params = request.params
         assert isinstance(params, PowerMcmcParams)
@@ -130,34 +196,85 @@ class PowerMcmcDecoder(Decoder):
         chain = _Chain()
         for key in _COUNTERS:
             _add(stats, key, 0)
+        generated, proposed = stats.tokens_generated, stats.extra["tokens_proposed"]
 
-        for limit in block_limits(request.max_tokens, params.block_size):
-            if not _ended(engine, chain.token_ids) and len(chain.token_ids) < limit:
-                ext = await _propose(engine, request.prompt_ids, chain.token_ids, limit, params, rng, stats)
-                chain.replace_suffix(len(chain.token_ids), ext)
-                _add(stats, "tokens_proposed", len(ext.token_ids))
-                _add(stats, "tokens_accepted", len(ext.token_ids))
-            for _ in range(params.mcmc_steps):
-                await self._mh_step(request, chain, limit, rng, stats)
-            if _ended(engine, chain.token_ids):
-                break
+        try:
+            for limit in block_limits(request.max_tokens, params.block_size):
+                extension_seed = int(rng.integers(_SEED_BOUND))
+                draws = _draw_steps(rng, params.mcmc_steps)
+                if not _ended(engine, chain.token_ids) and len(chain.token_ids) < limit:
+                    prompt, prefix = request.prompt_ids, chain.token_ids
+                    ext = await _propose(engine, prompt, prefix, limit, params, extension_seed, stats)
+                    chain.replace_suffix(len(chain.token_ids), ext)
+                    _add(stats, "tokens_proposed", len(ext.token_ids))
+                    _add(stats, "tokens_accepted", len(ext.token_ids))
+                await self._mh_steps(request, chain, limit, draws, stats)
+                if _ended(engine, chain.token_ids):
+                    break
+        finally:
+            # Every generated token extended the chain, was tested by an MH step, or was
+            # generated for a proposal discarded unseen (engines count into ``stats`` live).
+            discarded = (stats.tokens_generated - generated) - (stats.extra["tokens_proposed"] - proposed)
+            _add(stats, "tokens_discarded", discarded)
 
         for tok, lq, lp in zip(chain.token_ids, chain.logq, chain.logp, strict=True):
             yield TokenStep(token_id=tok, logq=lq, logp=lp)
 
-    async def _mh_step(
-        self, request: DecodeRequest, chain: _Chain, limit: int, rng: np.random.Generator, stats: EngineStats
+    async def _mh_steps(
+        self, request: DecodeRequest, chain: _Chain, limit: int, draws: list[_StepDraws], stats: EngineStats
     ) -> None:
-        """One Metropolis-Hastings step (step 2 of :meth:`decode`), updating ``chain`` in place."""
+        """Run one block's MH steps (step 2 of :meth:`decode`), updating ``chain`` in place.
+
+        With P = ``parallel_proposals`` the proposals of steps s, ..., s + P - 1 are in flight
+        at once, all drawn from the current state x:
+
+        1. Keep P proposals in flight: start those of the next steps from x, step s's with
+           position draws[s].position(n(x)) and engine seed draws[s].seed.
+        2. Wait for step s's proposal (in step order, never in order of completion: which
+           proposal is tested must not depend on its content) and test it with draws[s].u_acc.
+        3. Rejected: x is unchanged, so the proposals in flight for s + 1, ... are exactly
+           what those steps would draw from x; go on with s + 1.
+           Accepted: x changed; cancel and discard the proposals in flight (counted in
+           ``tokens_discarded``) and start s + 1, ... afresh from the new state.
+
+        A step's outcome depends only on the state it sees and its own draws, so the chain is
+        the one that P = 1 (one proposal at a time) produces; only the discarded proposals
+        cost extra engine work.
+        """
         params = request.params
         assert isinstance(params, PowerMcmcParams)
+        in_flight: deque[_Proposal] = deque()
+        started = 0  # steps whose proposal is in flight or done
+
+        def start(step: int) -> None:
+            n = len(chain.token_ids)
+            assert n >= 1, "the chain has at least one token after its first extension"
+            i = draws[step].position(n)
+            call = _propose(
+                self.engine, request.prompt_ids, chain.token_ids[:i], limit, params, draws[step].seed, stats
+            )
+            in_flight.append(_Proposal(step, i, asyncio.ensure_future(call)))
+
+        try:
+            for s, step_draws in enumerate(draws):
+                while started < min(s + params.parallel_proposals, len(draws)):
+                    start(started)
+                    started += 1
+                proposal = in_flight.popleft()
+                assert proposal.step == s
+                new = await proposal.task
+                if self._test(params, chain, proposal.i, new, step_draws.u_acc, stats):
+                    await _discard(in_flight, stats)
+                    started = s + 1
+        finally:
+            await _discard(in_flight, stats)  # the chain was cancelled, or failed
+
+    @staticmethod
+    def _test(params: PowerMcmcParams, chain: _Chain, i: int, new: Continuation, u: float, stats: EngineStats) -> bool:
+        """The Metropolis-Hastings test of ``new`` as the chain's suffix from ``i``; applies it."""
         n_old = len(chain.token_ids)
-        assert n_old >= 1, "the chain has at least one token after its first extension"
-        i = int(rng.integers(n_old))
-        new = await _propose(self.engine, request.prompt_ids, chain.token_ids[:i], limit, params, rng, stats)
         n_new = i + len(new.token_ids)
         log_a = log_acceptance(params.alpha, chain.logp[i:], chain.logq[i:], new.logp, new.logq, n_old, n_new)
-        u = rng.random()  # drawn on every step, so the random stream does not depend on log A
         accept = log_a >= 0.0 or u < math.exp(log_a)
         _add(stats, "proposals", 1)
         _add(stats, "tokens_proposed", len(new.token_ids))
@@ -166,6 +283,28 @@ class PowerMcmcDecoder(Decoder):
             _add(stats, "accepted_proposals", 1)
             _add(stats, "tokens_accepted", len(new.token_ids))
         stats.extra["acceptance_rate"] = stats.extra["accepted_proposals"] / stats.extra["proposals"]
+        return accept
+
+
+def _draw_steps(rng: np.random.Generator, steps: int) -> list[_StepDraws]:
+    """The random numbers of ``steps`` MH steps: positions, then seeds, then acceptances."""
+    u_pos = rng.random(steps)
+    seeds = rng.integers(_SEED_BOUND, size=steps)
+    u_acc = rng.random(steps)
+    return [_StepDraws(float(a), int(b), float(c)) for a, b, c in zip(u_pos, seeds, u_acc, strict=True)]
+
+
+async def _discard(in_flight: deque[_Proposal], stats: EngineStats) -> None:
+    """Cancel the proposals in flight and wait until they have stopped (so that no engine work
+    is counted for them afterwards)."""
+    for p in in_flight:
+        p.task.cancel()
+    if in_flight:
+        # Kept in ``in_flight`` until they have stopped: if this wait is itself cancelled, the
+        # caller's clean-up waits for them again.
+        await asyncio.gather(*(p.task for p in in_flight), return_exceptions=True)
+    _add(stats, "proposals_discarded", len(in_flight))
+    in_flight.clear()
 
 
 def _ended(engine: Engine, token_ids: Sequence[int]) -> bool:
@@ -178,15 +317,11 @@ async def _propose(
     prefix: Sequence[int],
     limit: int,
     params: PowerMcmcParams,
-    rng: np.random.Generator,
+    seed: int,
     stats: EngineStats,
 ) -> Continuation:
     """Sample a continuation of ``prompt + prefix`` from q, up to a chain length of ``limit``."""
-    spec = SamplingSpec(
-        max_tokens=limit - len(prefix),
-        temperature=1.0 / params.alpha,
-        seed=int(rng.integers(_SEED_BOUND)),
-    )
+    spec = SamplingSpec(max_tokens=limit - len(prefix), temperature=1.0 / params.alpha, seed=seed)
     cont = await engine.sample([*prompt_ids, *prefix], spec, stats)
     assert cont.token_ids, "an engine call with max_tokens >= 1 returns at least one token"
     return cont
