@@ -8,10 +8,12 @@ The budget is held by a long ``power_mcmc`` chain whose own deadline (a few seco
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import httpx
 
+from powerserve.serving.admission import Admission, Ticket
 from tests.reliability.conftest import (
     LONG_MCMC,
     LONG_MCMC_SETTINGS,
@@ -108,3 +110,35 @@ async def test_power_mcmc_weighs_more_than_standard(engine: Any) -> None:
 async def _stream(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[int, list[Any]]:
     async with client.stream("POST", "/v1/completions", json=body) as resp:
         return resp.status_code, parse_sse((await resp.aread()).decode())
+
+
+async def test_an_idle_server_admits_a_full_budget_request_after_any_history() -> None:
+    """Found by the soak: the running weight was kept as a float total, and adding then
+    subtracting weights drifts (1 + 2/7, 1 + 15/7 and 1 + 29/7, all released, left 2.7e-15). A server idle
+    with such a residue could never admit a request weighing the full budget (every large
+    power_mcmc request, whose weight is clamped to the budget): it waited out its deadline, and
+    every request queued behind it waited too."""
+    admission = Admission(max_running=16, max_queued=64)
+    labels = ("power_mcmc", MODEL)
+    tickets = [admission.reserve(1 + k / 7, labels) for k in (2, 15, 29)]
+    for ticket in tickets:
+        assert ticket.granted.is_set()
+        admission.release(ticket)
+    assert admission.running_weight == 0.0
+    full = admission.reserve(16, labels)
+    assert full.granted.is_set() and not admission.queue
+    admission.release(full)
+    # The same over a long random history of overlapping requests.
+    rng = random.Random(0)
+    held: list[Ticket] = []
+    for _ in range(5000):
+        weight = 1 + rng.randrange(1, 60) / 7
+        if held and (rng.random() < 0.5 or admission.running_weight + weight > 16):
+            admission.release(held.pop(rng.randrange(len(held))))
+        else:
+            held.append(admission.reserve(weight, labels))
+            assert held[-1].granted.is_set()
+    for ticket in held:
+        admission.release(ticket)
+    assert admission.running_weight == 0.0
+    assert admission.reserve(16, labels).granted.is_set()
