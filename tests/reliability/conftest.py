@@ -83,7 +83,7 @@ def server_factory(tiny_checkpoint: str, tmp_path: Path) -> Iterator[Any]:
         log = tmp_path / f"server-{len(started)}.log"
         proc = ServerProcess(model=tiny_checkpoint, engine="torch", extra_args=list(args), log_path=log)
         started.append(proc)
-        proc.wait_ready(timeout_s=120)
+        proc.wait_ready(timeout_s=300)
         return proc
 
     yield start

@@ -72,8 +72,8 @@ async def test_a_20_mb_body_is_refused_promptly(client: httpx.AsyncClient, kind:
     elapsed = time.perf_counter() - t0
     err = assert_openai_error(resp, 400, "invalid_request_error")
     assert err["param"] in ("prompt", "messages"), err
-    # Parsing 20 MB of JSON takes a few seconds on a loaded CPU; tokenizing it would take a minute.
-    assert elapsed < 20, f"{kind}: {elapsed:.1f} s"
+    # Parsing 20 MB of JSON takes seconds (30 s seen with load average 13); tokenizing it would take minutes.
+    assert elapsed < 60, f"{kind}: {elapsed:.1f} s"
 
 
 # --- malformed bodies ---------------------------------------------------------------------------
