@@ -23,7 +23,7 @@ from tests.reliability.conftest import (
     parse_sse,
 )
 
-SLACK_S = 3.0  # scheduling slack on a loaded two-core machine (4.5 s seen with load average 13)
+SLACK_S = 5.0  # scheduling slack on a loaded two-core machine (6 s seen at load average 13)
 
 
 class GenerateProbe:
