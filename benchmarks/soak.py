@@ -512,11 +512,15 @@ async def soak(spec: SoakSpec) -> SoakReport:
             elapsed = await drive(client, spec, model, decoders, spec.duration_s, tally, rng)
         finally:
             sampler.cancel()
-        leftover = await settle(client)
-        probe = await client.post("/v1/completions", json={"model": model, "prompt": "ok", "max_tokens": 1})
-        health = await client.get("/health")
+        try:
+            leftover = await settle(client)
+            probe = await client.post("/v1/completions", json={"model": model, "prompt": "ok", "max_tokens": 1})
+            health = await client.get("/health")
+            still_answers = probe.status_code == 200 and health.status_code == 200
+        except httpx.HTTPError as exc:
+            tally.problem(f"server gone after the run: {type(exc).__name__}", tally.lost, repr(exc))
+            leftover, still_answers = {"unreachable": 1.0}, False
         rss_end = tree_rss_kib(spec.pid) if spec.pid else None
-    still_answers = probe.status_code == 200 and health.status_code == 200
     return SoakReport(model, decoders, elapsed, tally, leftover, still_answers, rss_start, rss_end)
 
 
