@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams
-from powerserve.decoders.standard import GREEDY_TEMPERATURE
-from powerserve.engine.base import Engine, EngineStats, SamplingSpec, TokenStep
+from powerserve.decoders.standard import openai_spec
+from powerserve.engine.base import Engine, EngineStats, TokenStep
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,7 @@ class DistilledDecoder(Decoder):
         return cls(engine, student)
 
     async def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
-        s = request.sampling
-        spec = SamplingSpec(
-            max_tokens=request.max_tokens,
-            temperature=s.temperature if s.temperature > 0 else GREEDY_TEMPERATURE,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            seed=request.seed,
-        )
-        async for step in self.student.generate(request.prompt_ids, spec, stats):
+        async for step in self.student.generate(request.prompt_ids, openai_spec(request), stats):
             yield TokenStep(step.token_id, step.logq, None)  # None: serving scores it under the base
 
 

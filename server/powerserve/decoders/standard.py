@@ -23,12 +23,16 @@ class StandardDecoder(Decoder):
     streams_tokens = True
 
     def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
-        s = request.sampling
-        spec = SamplingSpec(
-            max_tokens=request.max_tokens,
-            temperature=s.temperature if s.temperature > 0 else GREEDY_TEMPERATURE,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            seed=request.seed,
-        )
-        return self.engine.generate(request.prompt_ids, spec, stats)
+        return self.engine.generate(request.prompt_ids, openai_spec(request), stats)
+
+
+def openai_spec(request: DecodeRequest) -> SamplingSpec:
+    """The engine sampling spec for a request's OpenAI parameters (temperature 0: greedy)."""
+    s = request.sampling
+    return SamplingSpec(
+        max_tokens=request.max_tokens,
+        temperature=s.temperature if s.temperature > 0 else GREEDY_TEMPERATURE,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        seed=request.seed,
+    )
