@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from powerserve_client.eval.report import percentile, plot, summarise, table, wilson, write_json
+from powerserve_client.eval.report import (
+    paired_reward,
+    percentile,
+    plot,
+    relative_table,
+    summarise,
+    table,
+    wilson,
+    write_json,
+)
 from powerserve_client.eval.run import Row
 
 
@@ -42,3 +51,21 @@ def test_summary_table_json_and_plot(tmp_path: Path) -> None:
     assert len(doc["rows"]) == 9 and doc["summary"][1]["decoder"] == "power_mcmc(alpha=4)"
     [png] = plot(summaries, tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_relative_table_and_paired_reward() -> None:
+    def row(decoder: str, task: str, reward: float, tokens: int, wall: float) -> Row:
+        return Row("arithmetic", task, decoder, True, "", "x", "stop", 10, tokens, 0, reward, reward / 10, 9.0, wall)
+
+    rows = [row("standard", f"t{i}", -20.0 - i, 10, 1.0) for i in range(3)]
+    rows += [row("power_smc(alpha=4)", f"t{i}", -8.0 - 2 * i, 80, 2.5) for i in range(3)]
+    summaries = summarise(rows)
+    assert summaries[1]["server_wall_mean_s"] == pytest.approx(2.5)
+    text = relative_table(summaries)  # the baseline found by name, wall from the server, not latency
+    assert "| arithmetic | power_smc(alpha=4) | 2.50 | 2.50x | 80 | 8.00x | -10.00 | -1.000 | 3/3 |" in text
+    assert "| arithmetic | standard | 1.00 | 1.00x | 10 | 1.00x |" in text
+    assert "| - | 80 | - |" in relative_table(summaries, baseline="temperature")  # no such baseline
+    diff = paired_reward(rows, "power_smc(alpha=4)", "standard", "arithmetic")
+    assert diff is not None and diff["pairs"] == 3
+    assert diff["mean"] == pytest.approx(11.0) and diff["half_width_95"] == pytest.approx(1.96 * 1.0 / 3**0.5)
+    assert paired_reward(rows, "power_smc(alpha=4)", "nope", "arithmetic") is None

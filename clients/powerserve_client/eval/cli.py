@@ -31,6 +31,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="task i is asked with seed + i")
     p.add_argument("--concurrency", type=int, default=1, help="requests in flight (1 keeps latencies clean)")
     p.add_argument("--out", type=Path, default=Path("eval-results"), help="directory for result.json and plots")
+    p.add_argument(
+        "--baseline",
+        default="standard",
+        help="decoder the relative table divides by (a label or a decoder name; default: standard)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -48,7 +53,7 @@ def _decoder_specs(values: list[str] | None) -> tuple[str, ...]:
 
 
 def run_eval_cmd(ns: argparse.Namespace) -> int:
-    from powerserve_client.eval.report import plot, summarise, table, write_json
+    from powerserve_client.eval.report import paired_reward, plot, relative_table, summarise, table, write_json
     from powerserve_client.eval.run import DEFAULT_MAX_TOKENS, EvalConfig, evaluate
     from powerserve_client.eval.tasks import load_task_sets
 
@@ -80,6 +85,26 @@ def run_eval_cmd(ns: argparse.Namespace) -> int:
     write_json(ns.out / "result.json", run, summaries, rows)
     plots = plot(summaries, ns.out)
     print(table(summaries))
+    print()
+    print(f"relative to {ns.baseline}:")
+    print(relative_table(summaries, ns.baseline))
+    for s in summaries:
+        base = next(
+            (
+                b["decoder"]
+                for b in summaries
+                if b["task_set"] == s["task_set"] and ns.baseline in (b["decoder"], b["decoder"].split("(")[0])
+            ),
+            None,
+        )
+        if base is None or s["decoder"] == base:
+            continue
+        diff = paired_reward(rows, s["decoder"], base, s["task_set"])
+        if diff is not None:
+            print(
+                f"{s['task_set']}: {s['decoder']} minus {base}, self-reward paired by task: "
+                f"{diff['mean']:+.2f} ± {diff['half_width_95']:.2f} (95%, {diff['pairs']} pairs)"
+            )
     print(json.dumps({"result": str(ns.out / "result.json"), "plots": [str(p) for p in plots]}))
     return 0
 

@@ -7,7 +7,12 @@ Per decoder and task set:
   both summed over the answer's tokens and per token;
 - engine tokens per answer: tokens the engine generated plus tokens it scored, as the server
   reports them (``tokens_generated + tokens_scored``), mean over answers;
-- latency p50 / p95: client-side seconds per request.
+- latency p50 / p95: client-side seconds per request; server wall time: the decoder's own
+  seconds per answer as the server reports them (``wall_time_s``), mean over answers.
+
+:func:`relative_table` sets every decoder against a baseline decoder (``standard`` by default):
+wall time and engine tokens per answer as multiples of the baseline's, next to self-reward and
+accuracy; :func:`paired_reward` compares two decoders' self-reward task by task.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ def summarise(rows: list[Row]) -> list[dict[str, Any]]:
                 "tokens_generated_mean": _mean_sd([float(r.tokens_generated) for r in ok])[0],
                 "tokens_scored_mean": _mean_sd([float(r.tokens_scored) for r in ok])[0],
                 "engine_tokens_mean": _mean_sd([float(r.engine_tokens) for r in ok])[0],
+                "server_wall_mean_s": _mean_sd([r.server_wall_s for r in ok if r.server_wall_s is not None])[0],
                 "latency_p50_s": percentile(latencies, 50),
                 "latency_p95_s": percentile(latencies, 95),
             }
@@ -103,6 +109,59 @@ def table(summaries: list[dict[str, Any]]) -> str:
             f"{_f(s['latency_p50_s'], 2)} / {_f(s['latency_p95_s'], 2)} |"
         )
     return "\n".join(lines)
+
+
+def relative_table(summaries: list[dict[str, Any]], baseline: str = "standard") -> str:
+    """Per task set, every decoder's cost as a multiple of ``baseline``'s (the decoder label,
+    or its name before any parameters) next to what it bought. Wall time is the server's
+    ``wall_time_s`` (client latency where the server gave none); a task set without the
+    baseline gets ``-`` for the multiples."""
+    head = (
+        "| task set | decoder | wall s / answer | x baseline | engine tokens / answer | x baseline | "
+        "self-reward per answer | per token | accuracy |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for s in summaries:
+        base = next(
+            (
+                b
+                for b in summaries
+                if b["task_set"] == s["task_set"] and baseline in (b["decoder"], b["decoder"].split("(")[0])
+            ),
+            None,
+        )
+        wall, base_wall = _wall(s), _wall(base) if base else None
+        tokens, base_tokens = s["engine_tokens_mean"], base["engine_tokens_mean"] if base else None
+        lines.append(
+            f"| {s['task_set']} | {s['decoder']} | {_f(wall, 2)} | {_ratio(wall, base_wall)} | {_f(tokens, 0)} | "
+            f"{_ratio(tokens, base_tokens)} | {_f(s['self_reward_mean'], 2)} | "
+            f"{_f(s['self_reward_per_token_mean'], 3)} | {s['correct']}/{s['n']} |"
+        )
+    return "\n".join(lines)
+
+
+def _wall(s: dict[str, Any]) -> float | None:
+    wall: float | None = s.get("server_wall_mean_s")
+    return wall if wall is not None else s["latency_p50_s"]
+
+
+def _ratio(x: float | None, base: float | None) -> str:
+    return "-" if x is None or not base else f"{x / base:.2f}x"
+
+
+def paired_reward(rows: list[Row], a: str, b: str, task_set: str) -> dict[str, float | int] | None:
+    """Self-reward of decoder ``a`` minus decoder ``b`` (labels), paired by task: the mean
+    difference of the summed log p, its 95% half-width (normal), and the number of pairs;
+    ``None`` with fewer than two pairs."""
+    by_task: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r.task_set == task_set and r.decoder in (a, b) and r.error is None and r.self_reward_sum is not None:
+            by_task.setdefault(r.task_id, {})[r.decoder] = r.self_reward_sum
+    diffs = [d[a] - d[b] for d in by_task.values() if a in d and b in d]
+    if len(diffs) < 2:
+        return None
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    return {"mean": mean, "half_width_95": 1.96 * sd / math.sqrt(len(diffs)), "pairs": len(diffs)}
 
 
 def _f(v: float | None, digits: int) -> str:
