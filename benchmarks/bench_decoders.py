@@ -123,20 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [(a, "standard") for a in labels if a != "standard"]
     mcmc = next((x for x in labels if x.startswith("power_mcmc")), None)
     pairs += [(a, mcmc) for a in labels if mcmc and a.startswith(("power_smc", "power_lookahead"))]
-    for a, b in pairs:
-        diff = paired_reward(rows, a, b, "arithmetic")
+    diffs = {(a, b): paired_reward(rows, a, b, "arithmetic") for a, b in pairs}
+    for (a, b), diff in diffs.items():
         if diff is not None:
             print(
                 f"- {a} minus {b}: self-reward {diff['mean']:+.2f} ± {diff['half_width_95']:.2f} "
                 f"(95%, {diff['pairs']} problems)"
             )
-    by_label = {s["decoder"]: s for s in summaries}
-    std = by_label.get("standard")
+    std = next((s for s in summaries if s["decoder"] == "standard"), None)
     for s in summaries:
         if not s["decoder"].startswith("power_smc") or std is None or mcmc is None:
             continue
         ratio = s["server_wall_mean_s"] / std["server_wall_mean_s"]
-        diff = paired_reward(rows, s["decoder"], mcmc, "arithmetic")
+        diff = diffs[(s["decoder"], mcmc)]
         if diff is None:
             verdict = "no pairs"
         elif diff["mean"] >= 0:

@@ -33,8 +33,8 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +47,7 @@ os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout keeps
 import httpx
 import numpy as np
 import torch
+from soak import ServerProcess  # benchmarks/soak.py, beside this script
 
 from powerserve.decoders.base import DecodeRequest, OpenAISampling
 from powerserve.decoders.power_mcmc import PowerMcmcDecoder, PowerMcmcParams, block_limits, log_acceptance
@@ -290,28 +291,18 @@ async def part_ab(args: argparse.Namespace, path: str, prompts: list[list[int]])
 # --- (c) and (d): through the HTTP server ---------------------------------------------------
 
 
-def start_server(engine: str, port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "powerserve.cli", "serve", "--engine", engine, "--port", str(port)]
-    cmd += ["--max-model-len", "1024", "--log-level", "warning"]
+def start_server(engine: str, port: int, args: argparse.Namespace, log_dir: Path) -> ServerProcess:
+    """``powerserve serve`` on ``engine`` (soak.py's :class:`ServerProcess`), once it answers."""
+    extra = ["--max-model-len", "1024"]
     # The default admission limits weigh a power_mcmc request by its worst-case cost multiplier
     # and would run one at a time: lift them, this measures the engine's concurrency.
-    cmd += ["--max-running-weight", "100000", "--max-queued-weight", "100000"]
+    extra += ["--max-running-weight", "100000", "--max-queued-weight", "100000"]
     if engine == "vllm":
-        cmd += ["--gpu-memory-utilization", str(args.mem)]
-        cmd += ["--enforce-eager"] if args.enforce_eager else []
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"powerserve exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise TimeoutError("powerserve did not start")
+        extra += ["--gpu-memory-utilization", str(args.mem)]
+        extra += ["--enforce-eager"] if args.enforce_eager else []
+    server = ServerProcess(model=None, engine=engine, extra_args=extra, log_path=log_dir / f"{engine}.log", port=port)
+    server.wait_ready(900)
+    return server
 
 
 async def http_batch(
@@ -477,7 +468,8 @@ def main() -> None:
         out += ["### (a) power_mcmc vs the naive baseline, (b) vs the engine's throughput floor", ""]
         out += [*asyncio.run(part_ab(args, path, prompts)), ""]
 
-    servers: dict[str, subprocess.Popen[bytes]] = {}
+    servers: dict[str, ServerProcess] = {}
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-power-mcmc-"))
     ports: dict[str, int] = {}
     http_engines = list(args.http_engines)
     if "c" in args.skip:
@@ -485,7 +477,7 @@ def main() -> None:
     try:
         for i, engine in enumerate(http_engines):
             log(f"starting powerserve on the {engine} engine")
-            servers[engine], ports[engine] = start_server(engine, args.port + i, args), args.port + i
+            servers[engine], ports[engine] = start_server(engine, args.port + i, args, log_dir), args.port + i
         reward_engine = (args.reward_engine or http_engines[0]) if http_engines else None
         if "c" not in args.skip:
             http_prompts = [prompts[j % len(prompts)] for j in range(8)]
@@ -498,9 +490,7 @@ def main() -> None:
             out += [*part_d(args, ports[reward_engine], rprompts), ""]
     finally:
         for server in servers.values():
-            server.terminate()
-        for server in servers.values():
-            server.wait(timeout=120)
+            server.kill()  # SIGTERM, SIGKILL after 30 s
 
     print(
         f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; model {MODEL} "

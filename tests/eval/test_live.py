@@ -83,6 +83,11 @@ def test_eval_compares_every_decoder(server: str, tmp_path: Path, capsys: pytest
     for name in ("arithmetic", "humaneval"):
         assert (tmp_path / f"{name}_reward_vs_cost.png").read_bytes()[:4] == b"\x89PNG"
         assert f"| {name} | distilled |" in out
+    # the table relative to standard, and each decoder's self-reward paired with standard's
+    assert "relative to standard:" in out and "| arithmetic | standard | " in out.split("relative to standard:")[1]
+    assert (
+        "arithmetic: power_mcmc(alpha=4,block_size=4,mcmc_steps=1) minus standard, self-reward paired by task:" in out
+    )
 
 
 def test_eval_refuses_an_unknown_decoder(server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -53,7 +53,15 @@ def _decoder_specs(values: list[str] | None) -> tuple[str, ...]:
 
 
 def run_eval_cmd(ns: argparse.Namespace) -> int:
-    from powerserve_client.eval.report import paired_reward, plot, relative_table, summarise, table, write_json
+    from powerserve_client.eval.report import (
+        baseline_summary,
+        paired_reward,
+        plot,
+        relative_table,
+        summarise,
+        table,
+        write_json,
+    )
     from powerserve_client.eval.run import DEFAULT_MAX_TOKENS, EvalConfig, evaluate
     from powerserve_client.eval.tasks import load_task_sets
 
@@ -89,16 +97,10 @@ def run_eval_cmd(ns: argparse.Namespace) -> int:
     print(f"relative to {ns.baseline}:")
     print(relative_table(summaries, ns.baseline))
     for s in summaries:
-        base = next(
-            (
-                b["decoder"]
-                for b in summaries
-                if b["task_set"] == s["task_set"] and ns.baseline in (b["decoder"], b["decoder"].split("(")[0])
-            ),
-            None,
-        )
-        if base is None or s["decoder"] == base:
+        found = baseline_summary(summaries, s["task_set"], ns.baseline)
+        if found is None or s["decoder"] == found["decoder"]:
             continue
+        base = found["decoder"]
         diff = paired_reward(rows, s["decoder"], base, s["task_set"])
         if diff is not None:
             print(

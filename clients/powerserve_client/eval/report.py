@@ -122,14 +122,7 @@ def relative_table(summaries: list[dict[str, Any]], baseline: str = "standard") 
     )
     lines = [head, "|" + "---|" * 9]
     for s in summaries:
-        base = next(
-            (
-                b
-                for b in summaries
-                if b["task_set"] == s["task_set"] and baseline in (b["decoder"], b["decoder"].split("(")[0])
-            ),
-            None,
-        )
+        base = baseline_summary(summaries, s["task_set"], baseline)
         wall, base_wall = _wall(s), _wall(base) if base else None
         tokens, base_tokens = s["engine_tokens_mean"], base["engine_tokens_mean"] if base else None
         lines.append(
@@ -138,6 +131,15 @@ def relative_table(summaries: list[dict[str, Any]], baseline: str = "standard") 
             f"{_f(s['self_reward_per_token_mean'], 3)} | {s['correct']}/{s['n']} |"
         )
     return "\n".join(lines)
+
+
+def baseline_summary(summaries: list[dict[str, Any]], task_set: str, baseline: str) -> dict[str, Any] | None:
+    """The summary of ``baseline`` (a decoder label, or a name before any parameters) in
+    ``task_set``; ``None`` if that set has no such decoder."""
+    return next(
+        (s for s in summaries if s["task_set"] == task_set and baseline in (s["decoder"], s["decoder"].split("(")[0])),
+        None,
+    )
 
 
 def _wall(s: dict[str, Any]) -> float | None:

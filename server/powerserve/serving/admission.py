@@ -118,7 +118,7 @@ class Admission:
             ticket.done = True
             self.running.discard(ticket)
             self._sum_running()
-        while self.queue and self.running_weight + self.queue[0].weight <= self.max_running:
+        while self.queue and self._fits(self.queue[0].weight):
             nxt = self.queue.popleft()
             metrics.REQUESTS_QUEUED.labels(*nxt.labels).dec()
             self._grant(nxt)
