@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from openai import OpenAI
 
 from powerserve.engine.torch_engine import TorchEngine
+from powerserve.protocol import ChoiceCost as ServerChoiceCost
+from powerserve.protocol import PowerserveInfo
+from powerserve.protocol import SelfReward as ServerSelfReward
 from powerserve_client import Cost, power_mcmc, read_cost, standard, temperature
+from powerserve_client.cost import ChoiceCost, SelfReward
 from tests.serving.conftest import MODEL, make_client
 
 
@@ -50,3 +56,41 @@ def test_chat_and_the_last_stream_chunk_carry_the_cost(sdk: OpenAI) -> None:
 
 def test_a_response_without_the_extension_has_no_cost() -> None:
     assert read_cost({"id": "x", "choices": []}) is None
+
+
+@pytest.mark.parametrize(
+    ("client_cls", "server_cls"),
+    [(Cost, PowerserveInfo), (SelfReward, ServerSelfReward), (ChoiceCost, ServerChoiceCost)],
+)
+def test_the_client_types_name_every_field_the_server_sends(client_cls: type, server_cls: Any) -> None:
+    """A field the server adds to its ``powerserve`` object (or drops) must reach the client type."""
+    assert {f.name for f in dataclasses.fields(client_cls)} == set(server_cls.model_fields)
+
+
+def _assert_same(client: Any, server: Any) -> None:
+    """Every field of the client's dataclass equals the server model's field of the same name."""
+    for f in dataclasses.fields(client):
+        ours, theirs = getattr(client, f.name), getattr(server, f.name)
+        if dataclasses.is_dataclass(ours):
+            _assert_same(ours, theirs)
+        elif isinstance(ours, list):
+            assert len(ours) == len(theirs), f.name
+            for a, b in zip(ours, theirs, strict=True):
+                _assert_same(a, b)
+        else:
+            assert ours == theirs, f.name
+
+
+@pytest.mark.parametrize(
+    "extra_body",
+    [power_mcmc(alpha=2, block_size=4, mcmc_steps=2), temperature(alpha=3), standard()],
+    ids=["power_mcmc", "temperature", "standard"],
+)
+def test_cost_fields_equal_the_servers_powerserve_info(sdk: OpenAI, extra_body: dict[str, Any]) -> None:
+    """read_cost on a real response gives, field by field, what the server's PowerserveInfo holds."""
+    resp = sdk.completions.create(model=MODEL, prompt="Hello", max_tokens=6, n=2, seed=3, extra_body=extra_body)
+    raw = resp.model_extra["powerserve"] if resp.model_extra else None
+    assert raw is not None
+    cost = read_cost(resp)
+    assert cost is not None
+    _assert_same(cost, PowerserveInfo.model_validate(raw))
