@@ -131,7 +131,7 @@ def ref_logprobs(model: Any, ids: list[int]) -> torch.Tensor:
 
 
 def requests_served(server: Server, decoder: str) -> float:
-    fams = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server.base}/metrics").text)}
+    fams = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server.base}/metrics", timeout=60).text)}
     return sum(
         s.value
         for s in fams["powerserve_requests"].samples
@@ -143,7 +143,9 @@ def test_echo_matches_transformers(server: Server, model: str, reference: tuple[
     hf, tok = reference
     ids = tok.encode("The history of the printing press begins in Germany", add_special_tokens=False)
     body = {"model": model, "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 0}
-    resp = httpx.post(f"{server.base}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    resp = httpx.post(
+        f"{server.base}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120
+    )
     assert resp.status_code == 200, resp.text
     got = resp.json()["choices"][0]["logprobs"]["token_logprobs"]
     assert got[0] is None and len(got) == len(ids)
