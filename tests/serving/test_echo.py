@@ -122,3 +122,16 @@ def test_echo_without_logprobs_echoes_text(client: TestClient) -> None:
     assert body["choices"][0]["text"].startswith("Hello")
     assert body["choices"][1]["text"].startswith("Bye now")
     assert body["choices"][0]["logprobs"] is None
+
+
+@pytest.mark.parametrize("decoder", ["standard", "temperature", "power_mcmc", "power_smc", "power_lookahead"])
+def test_score_only_works_with_every_decoder(client: TestClient, engine: TorchEngine, decoder: str) -> None:
+    """max_tokens 0 never reaches the decoder (its cost estimate and admission weight are 0),
+    and the prompt part is the base model's whatever the decoder."""
+    ids = engine.tokenizer.encode(TEXT)
+    body = complete(client, prompt=ids, echo=True, logprobs=1, max_tokens=0, decoder=decoder)
+    lp = body["choices"][0]["logprobs"]["token_logprobs"]
+    ref = reference(engine, ids)
+    expected = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
+    assert max(abs(a - b) for a, b in zip(lp[1:], expected, strict=True)) < TOL
+    assert body["powerserve"]["decoder"] == decoder and body["powerserve"]["tokens_generated"] == 0
