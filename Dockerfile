@@ -20,7 +20,8 @@ FROM ${GPU_BASE} AS gpu-system
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential libnuma1 \
     && rm -rf /var/lib/apt/lists/*
-ENV POWERSERVE_ENGINE_PACKAGE=vllm
+# The same vLLM release as the CPU image and CI (VLLM_VERSION in scripts/setup.sh).
+ENV POWERSERVE_ENGINE_PACKAGE=vllm POWERSERVE_VLLM_VERSION=0.32.0
 
 # --- CPU image ------------------------------------------------------------------------------
 FROM cpu-system AS cpu

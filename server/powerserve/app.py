@@ -36,6 +36,7 @@ from powerserve.serving.chat import create_chat_completion, stream_chat_completi
 from powerserve.serving.completions import create_completion, stream_completion
 from powerserve.serving.state import ServerState
 from powerserve.settings import Settings
+from powerserve.tokenizer_routes import install as install_tokenizer_routes
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
     from powerserve.dashboard import install as install_dashboard
 
     install_dashboard(app)
+    install_tokenizer_routes(app, auth)  # /tokenize, /detokenize, /tokenizer_info
 
     @app.get("/v1/models", dependencies=auth, response_model=ModelList)
     async def list_models(state: State) -> ModelList:

@@ -108,19 +108,23 @@ class CompletionRequest(_SamplingRequest):
         ..., description="a string, a list of strings, a list of token ids, or a list of such lists"
     )
     best_of: int | None = Field(None, description="not supported beyond 1")
-    echo: bool = Field(False, description="not supported: must be false")
+    echo: bool = Field(
+        False,
+        description="return the prompt before the completion; with logprobs, the prompt's tokens with their "
+        "log-probabilities under the base model (the first one null) come first",
+    )
     logprobs: int | None = Field(
         None, ge=0, le=5, description="log-probabilities of the sampled tokens and the top ones"
     )
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0, description="0 only with echo: score the prompt, generate nothing")
     suffix: str | None = Field(None, description="not supported")
 
     @model_validator(mode="after")
     def _check_completion_unsupported(self) -> CompletionRequest:
         if self.best_of not in (None, 1):
             raise ValueError("best_of is not supported")
-        if self.echo:
-            raise ValueError("echo is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be at least 1 (0 is allowed only with echo=true)")
         if self.suffix:
             raise ValueError("suffix is not supported")
         return self
@@ -202,9 +206,12 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """Per token: its text, log p under the base model and the top ones. With ``echo`` the
+    prompt's tokens come first; the first prompt token has no log-probability (null)."""
+
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int] = Field(default_factory=list)
 
 

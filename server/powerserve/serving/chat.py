@@ -21,6 +21,7 @@ from powerserve.protocol import (
     DeltaMessage,
     TopLogprob,
 )
+from powerserve.serving.logprob_stream import HeldRunner, token_pieces
 from powerserve.serving.plan import build_plan, encode_text
 from powerserve.serving.runner import ChoiceResult, Delta, Outcome, Runner
 from powerserve.serving.state import ServerState
@@ -37,14 +38,13 @@ def _prompt_ids(state: ServerState, body: ChatCompletionRequest) -> tuple[int, .
 
 
 def _runner(state: ServerState, body: ChatCompletionRequest) -> Runner:
-    if body.stream and body.logprobs:
-        raise BadRequestError("logprobs are not supported with stream=true", param="logprobs")
     if body.top_logprobs and not body.logprobs:
         raise BadRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
     k = (body.top_logprobs or 0) if body.logprobs else None
     plan = build_plan(state, body, [_prompt_ids(state, body)], body.requested_max_tokens(), k)
     state.admission.precheck(plan.weight, (plan.decoder.name, state.model_name))
-    return Runner(state, plan)
+    held = body.stream and body.logprobs  # text waits for its log-probabilities (serving/logprob_stream.py)
+    return (HeldRunner if held else Runner)(state, plan)
 
 
 async def create_chat_completion(
@@ -81,8 +81,20 @@ def stream_chat_completion(state: ServerState, body: ChatCompletionRequest) -> A
         started.add(d.index)
         return chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(role=role, content=d.text))])
 
-    def final_chunks(outcome: Outcome, finishes: list[Delta]) -> list[ChatCompletionChunk]:
+    def token_chunks(outcome: Outcome) -> list[ChatCompletionChunk]:
         out = []
+        for c in outcome.choices:
+            content = _logprobs(state, c).content or []
+            for i, text in enumerate(token_pieces(state, runner.plan.stop, c)):
+                role = None if c.index in started else "assistant"
+                started.add(c.index)
+                logprobs = ChatLogprobs(content=content[i : i + 1])
+                delta = DeltaMessage(role=role, content=text)
+                out.append(chunk([ChatChunkChoice(index=c.index, delta=delta, logprobs=logprobs)]))
+        return out
+
+    def final_chunks(outcome: Outcome, finishes: list[Delta]) -> list[ChatCompletionChunk]:
+        out = token_chunks(outcome) if body.logprobs else []
         for d in finishes:
             role = None if d.index in started else "assistant"
             out.append(

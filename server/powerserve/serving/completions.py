@@ -1,4 +1,4 @@
-"""``POST /v1/completions``."""
+"""``POST /v1/completions`` (with ``echo``: see serving/echo.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from powerserve.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
+from powerserve.serving.echo import PromptScores, add_cost, score_prompts
+from powerserve.serving.logprob_stream import HeldRunner, token_pieces
 from powerserve.serving.plan import build_plan, tokenize_prompts
 from powerserve.serving.runner import ChoiceResult, Delta, Outcome, Runner
 from powerserve.serving.state import ServerState
@@ -22,31 +24,39 @@ from powerserve.serving.streaming import cancel_on_disconnect, stream_events
 
 
 def _runner(state: ServerState, body: CompletionRequest) -> Runner:
-    if body.stream and body.logprobs is not None:
-        raise BadRequestError("logprobs are not supported with stream=true", param="logprobs")
+    if body.stream and body.echo:
+        raise BadRequestError("echo is not supported with stream=true", param="echo")
     prompts = tokenize_prompts(state, body.prompt)
     plan = build_plan(state, body, prompts, body.max_tokens, body.logprobs)
     state.admission.precheck(plan.weight, (plan.decoder.name, state.model_name))
-    return Runner(state, plan)
+    held = body.stream and body.logprobs is not None  # text waits for its log-probabilities
+    return (HeldRunner if held else Runner)(state, plan)
 
 
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> CompletionResponse:
     runner = _runner(state, body)
-    outcome = await cancel_on_disconnect(request, runner.run())
-    return CompletionResponse(
-        model=body.model,
-        choices=[
-            CompletionChoice(
-                index=c.index,
-                text=c.text,
-                logprobs=_logprobs(state, c) if body.logprobs is not None else None,
-                finish_reason=c.finish_reason,
-            )
-            for c in outcome.choices
-        ],
-        usage=outcome.usage(),
-        powerserve=outcome.info,
-    )
+
+    async def run() -> tuple[Outcome, list[PromptScores] | None]:
+        outcome = await runner.run()
+        if not (body.echo and body.logprobs is not None):
+            return outcome, None
+        scores, stats = await score_prompts(state.engine, runner.plan.prompts, body.logprobs)
+        add_cost(outcome, stats, runner.labels)
+        return outcome, scores
+
+    outcome, scores = await cancel_on_disconnect(request, run())
+    n = runner.plan.n
+    choices = []
+    for c in outcome.choices:
+        logprobs = _logprobs(state, c) if body.logprobs is not None else None
+        text = c.text
+        if body.echo:
+            prompt_text = _prompt_text(state, body, runner.plan.prompts, c.index // n)
+            text = prompt_text + text
+            if logprobs is not None and scores is not None:
+                logprobs = _echoed(state, scores[c.index // n], prompt_text, logprobs)
+        choices.append(CompletionChoice(index=c.index, text=text, logprobs=logprobs, finish_reason=c.finish_reason))
+    return CompletionResponse(model=body.model, choices=choices, usage=outcome.usage(), powerserve=outcome.info)
 
 
 def stream_completion(state: ServerState, body: CompletionRequest) -> AsyncIterator[str]:
@@ -59,8 +69,23 @@ def stream_completion(state: ServerState, body: CompletionRequest) -> AsyncItera
     def delta_chunk(d: Delta) -> CompletionResponse:
         return chunk([CompletionChoice(index=d.index, text=d.text, finish_reason=None)])
 
+    def token_chunks(outcome: Outcome) -> list[CompletionResponse]:
+        out = []
+        for c in outcome.choices:
+            lp = _logprobs(state, c)
+            for i, text in enumerate(token_pieces(state, runner.plan.stop, c)):
+                one = CompletionLogprobs(
+                    tokens=lp.tokens[i : i + 1],
+                    token_logprobs=lp.token_logprobs[i : i + 1],
+                    top_logprobs=None if lp.top_logprobs is None else lp.top_logprobs[i : i + 1],
+                    text_offset=lp.text_offset[i : i + 1],
+                )
+                out.append(chunk([CompletionChoice(index=c.index, text=text, logprobs=one, finish_reason=None)]))
+        return out
+
     def final_chunks(outcome: Outcome, finishes: list[Delta]) -> list[CompletionResponse]:
-        out = [chunk([CompletionChoice(index=d.index, text="", finish_reason=d.finish_reason)]) for d in finishes]
+        out = token_chunks(outcome) if body.logprobs is not None else []
+        out += [chunk([CompletionChoice(index=d.index, text="", finish_reason=d.finish_reason)]) for d in finishes]
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         if include_usage:
             out.append(chunk([], usage=outcome.usage(), powerserve=outcome.info))
@@ -71,6 +96,39 @@ def stream_completion(state: ServerState, body: CompletionRequest) -> AsyncItera
     return stream_events(runner, delta_chunk, final_chunks)
 
 
+def _prompt_text(state: ServerState, body: CompletionRequest, prompts: list[tuple[int, ...]], p: int) -> str:
+    """The echoed prompt: the client's text as sent, or its token ids decoded."""
+    if isinstance(body.prompt, str):
+        return body.prompt
+    if body.prompt and isinstance(body.prompt[0], str):
+        return str(body.prompt[p])
+    return str(state.tokenizer.decode(list(prompts[p])))
+
+
+def _echoed(
+    state: ServerState, prompt: PromptScores, prompt_text: str, completion: CompletionLogprobs
+) -> CompletionLogprobs:
+    """The prompt's entries, then the completion's (its offsets shifted past the prompt text)."""
+    tok = state.tokenizer
+    tokens = [tok.decode([t]) for t in prompt.token_ids]
+    offsets, pos = [], 0
+    for piece in tokens:
+        offsets.append(pos)
+        pos += len(piece)
+    top = None
+    if completion.top_logprobs is not None or prompt.top is not None:
+        prompt_top = [
+            None if row is None else {tok.decode([t]): lp for t, lp in row.items()} for row in prompt.top or []
+        ]
+        top = [*prompt_top, *(completion.top_logprobs or [])]
+    return CompletionLogprobs(
+        tokens=[*tokens, *completion.tokens],
+        token_logprobs=[*prompt.logp, *completion.token_logprobs],
+        top_logprobs=top,
+        text_offset=[*offsets, *(len(prompt_text) + o for o in completion.text_offset)],
+    )
+
+
 def _logprobs(state: ServerState, choice: ChoiceResult) -> CompletionLogprobs:
     tok = state.tokenizer
     tokens = [tok.decode([t]) for t in choice.token_ids]
@@ -78,7 +136,8 @@ def _logprobs(state: ServerState, choice: ChoiceResult) -> CompletionLogprobs:
     for piece in tokens:
         offsets.append(pos)
         pos += len(piece)
-    top = None
+    top: list[dict[str, float] | None] | None = None
     if choice.top is not None:
         top = [{tok.decode([t]): lp for t, lp in row.items()} for row in choice.top]
-    return CompletionLogprobs(tokens=tokens, token_logprobs=choice.logp, top_logprobs=top, text_offset=offsets)
+    logp: list[float | None] = list(choice.logp)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=logp, top_logprobs=top, text_offset=offsets)

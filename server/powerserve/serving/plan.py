@@ -227,5 +227,5 @@ def build_plan(
         stop=request.stop_list(),
         logprobs=logprobs,
         timeout_s=timeout_s,
-        weight=expected / max_tokens,
+        weight=expected / max(max_tokens, 1),  # max_tokens 0: echo scores only
     )

@@ -134,6 +134,8 @@ class Runner:
     async def _run_choice(self, index: int, request: DecodeRequest) -> ChoiceResult:
         engine = self.state.engine
         stats = EngineStats()
+        if request.max_tokens == 0:  # echo with max_tokens 0: only the prompt is scored (serving/echo.py)
+            return ChoiceResult(index, len(request.prompt_ids), [], [], "", "length", stats)
         incremental = self.on_delta is not None or bool(self.plan.stop)
         detok = Detokenizer(self.state.tokenizer, self.plan.stop, self.state.special_ids, incremental)
         steps = []
