@@ -217,7 +217,7 @@ async def test_closing_the_iterator_stops_the_work(long_engine: TorchEngine) -> 
     await settle(long_engine)
     # The scheduler runs ahead of its callers, but drops a closed row before its next step.
     assert long_engine.forward_count == stopped_at < 500
-    assert stats.tokens_generated == 2 and not long_engine._batches
+    assert stats.tokens_generated == 2 and not long_engine.scheduler.batches
 
 
 async def test_cancelling_the_consumer_stops_the_work(long_engine: TorchEngine) -> None:
@@ -238,7 +238,7 @@ async def test_cancelling_the_consumer_stops_the_work(long_engine: TorchEngine) 
     await asyncio.sleep(0.05)
     await settle(long_engine)
     assert long_engine.forward_count == stopped_at < 500
-    assert 1 <= stats.tokens_generated < 1000 and not long_engine._batches
+    assert 1 <= stats.tokens_generated < 1000 and not long_engine.scheduler.batches
 
 
 async def test_score_matches_a_forward(engine: TorchEngine, model: torch.nn.Module) -> None:
@@ -396,7 +396,7 @@ async def test_a_failed_forward_ends_its_rows_and_the_engine_goes_on(
     assert all(isinstance(r, RuntimeError) and "out of memory" in str(r) for r in results)
     monkeypatch.undo()
     await settle(engine)
-    assert not engine._batches
+    assert not engine.scheduler.batches
     assert len(await run(engine, PROMPT, SamplingSpec(max_tokens=4, seed=0))) == 4
 
 
