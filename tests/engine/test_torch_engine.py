@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -412,14 +411,3 @@ async def test_concurrent_calls_share_decode_steps(model: torch.nn.Module) -> No
     async for engine in make_engine(model, max_batch_size=1):
         await asyncio.gather(*(run(engine, PROMPT, spec) for spec in specs))
         assert engine.decode_steps == 128
-
-
-@pytest.mark.parametrize("max_batch_size", [64, 1])
-async def test_batching_throughput(model: torch.nn.Module, max_batch_size: int) -> None:
-    """Printed, not asserted: 8 concurrent 32-token calls (max_batch_size 1: one at a time)."""
-    async for engine in make_engine(model, max_batch_size=max_batch_size):
-        specs = [SamplingSpec(max_tokens=32, seed=s) for s in range(8)]
-        start = time.perf_counter()
-        await asyncio.gather(*(run(engine, PROMPT, spec) for spec in specs))
-        elapsed = time.perf_counter() - start
-        print(f"\nmax_batch_size={max_batch_size}: {256 / elapsed:.0f} tokens/s, {engine.decode_steps} decode steps")
