@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from powerserve.engine import scheduler
+from powerserve.engine import sampling, scheduler
 from powerserve.engine.base import EngineStats, SamplingSpec
 from tests.reliability.conftest import MODEL, live
 
@@ -23,7 +23,7 @@ POISON_SEED = 666
 
 
 async def test_a_failing_row_does_not_stall_its_batch(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = scheduler.sample_rows
+    original = sampling.sample_rows
 
     def sample_rows(logits: Any, specs: list[SamplingSpec], generators: list[Any]) -> list[Any]:
         steps = original(logits, specs, generators)
