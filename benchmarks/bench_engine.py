@@ -162,11 +162,11 @@ def raw_step_ms(model: Any, prompt: list[int], n: int, steps: int) -> float:
 def worker_profile(engine: TorchEngine) -> Iterator[cProfile.Profile]:
     """cProfile on the engine's worker thread (a profiler only sees the thread that enables it)."""
     prof = cProfile.Profile()
-    engine._worker.submit(prof.enable).result()
+    engine.scheduler.worker.submit(prof.enable).result()
     try:
         yield prof
     finally:
-        engine._worker.submit(prof.disable).result()
+        engine.scheduler.worker.submit(prof.disable).result()
 
 
 def profile_shares(prof: cProfile.Profile) -> dict[str, float]:
