@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -217,7 +216,7 @@ async def test_closing_the_iterator_stops_the_work(long_engine: TorchEngine) -> 
     await settle(long_engine)
     # The scheduler runs ahead of its callers, but drops a closed row before its next step.
     assert long_engine.forward_count == stopped_at < 500
-    assert stats.tokens_generated == 2 and not long_engine._batches
+    assert stats.tokens_generated == 2 and not long_engine.scheduler.batches
 
 
 async def test_cancelling_the_consumer_stops_the_work(long_engine: TorchEngine) -> None:
@@ -238,7 +237,7 @@ async def test_cancelling_the_consumer_stops_the_work(long_engine: TorchEngine) 
     await asyncio.sleep(0.05)
     await settle(long_engine)
     assert long_engine.forward_count == stopped_at < 500
-    assert 1 <= stats.tokens_generated < 1000 and not long_engine._batches
+    assert 1 <= stats.tokens_generated < 1000 and not long_engine.scheduler.batches
 
 
 async def test_score_matches_a_forward(engine: TorchEngine, model: torch.nn.Module) -> None:
@@ -396,7 +395,7 @@ async def test_a_failed_forward_ends_its_rows_and_the_engine_goes_on(
     assert all(isinstance(r, RuntimeError) and "out of memory" in str(r) for r in results)
     monkeypatch.undo()
     await settle(engine)
-    assert not engine._batches
+    assert not engine.scheduler.batches
     assert len(await run(engine, PROMPT, SamplingSpec(max_tokens=4, seed=0))) == 4
 
 
@@ -412,14 +411,3 @@ async def test_concurrent_calls_share_decode_steps(model: torch.nn.Module) -> No
     async for engine in make_engine(model, max_batch_size=1):
         await asyncio.gather(*(run(engine, PROMPT, spec) for spec in specs))
         assert engine.decode_steps == 128
-
-
-@pytest.mark.parametrize("max_batch_size", [64, 1])
-async def test_batching_throughput(model: torch.nn.Module, max_batch_size: int) -> None:
-    """Printed, not asserted: 8 concurrent 32-token calls (max_batch_size 1: one at a time)."""
-    async for engine in make_engine(model, max_batch_size=max_batch_size):
-        specs = [SamplingSpec(max_tokens=32, seed=s) for s in range(8)]
-        start = time.perf_counter()
-        await asyncio.gather(*(run(engine, PROMPT, spec) for spec in specs))
-        elapsed = time.perf_counter() - start
-        print(f"\nmax_batch_size={max_batch_size}: {256 / elapsed:.0f} tokens/s, {engine.decode_steps} decode steps")

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from powerserve.engine import torch_engine
+from powerserve.engine import sampling, scheduler
 from powerserve.engine.base import EngineStats, SamplingSpec
 from tests.reliability.conftest import MODEL, live
 
@@ -23,14 +23,14 @@ POISON_SEED = 666
 
 
 async def test_a_failing_row_does_not_stall_its_batch(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = torch_engine.sample_step
+    original = sampling.sample_rows
 
-    def sample_step(logits: Any, spec: SamplingSpec, generator: Any) -> Any:
-        if spec.seed == POISON_SEED:
-            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
-        return original(logits, spec, generator)
+    def sample_rows(logits: Any, specs: list[SamplingSpec], generators: list[Any]) -> list[Any]:
+        steps = original(logits, specs, generators)
+        poison = RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return [poison if spec.seed == POISON_SEED else step for spec, step in zip(specs, steps, strict=True)]
 
-    monkeypatch.setattr(torch_engine, "sample_step", sample_step)
+    monkeypatch.setattr(scheduler, "sample_rows", sample_rows)
 
     async def generate(seed: int) -> list[int]:
         spec = SamplingSpec(max_tokens=16, temperature=1.0, seed=seed)

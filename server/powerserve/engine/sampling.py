@@ -1,16 +1,17 @@
-"""Sampling maths of the torch engine: pure functions on one row of logits.
+"""Sampling maths of the torch engine: pure functions on rows of logits.
 
 ``logp`` comes from the raw logits; ``logq`` from the distribution a token is actually drawn
-from: temperature, then top-k, then top-p, with vLLM's semantics.
+from: temperature, then top-k, then top-p, with vLLM's semantics. :func:`sample_rows` draws one
+token for every row of a decode step in a few tensor passes over [B, V] and one host transfer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from powerserve.engine.base import SamplingSpec, TokenStep
-
-# --- sampling maths: pure functions on one row of logits -------------------------------------
 
 
 def proposal_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -43,13 +44,77 @@ def proposal_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_
     return torch.log_softmax(z, dim=-1)
 
 
-def sample_step(logits: torch.Tensor, spec: SamplingSpec, generator: torch.Generator) -> TokenStep:
-    """Draw one token from q (see :func:`proposal_logprobs`); logits: [V] on the CPU.
+def _truncates(spec: SamplingSpec, vocab: int) -> bool:
+    return 0 < spec.top_k < vocab or spec.top_p < 1.0
 
-    log p is the raw model's log_softmax(logits) at the drawn token.
+
+def proposal_batch(logits: torch.Tensor, logp: torch.Tensor, specs: Sequence[SamplingSpec]) -> torch.Tensor:
+    """log q for every row: [B, V] float64, given logits [B, V] float64 and logp = their log_softmax.
+
+    Raw rows reuse ``logp`` (no pass at all when every row is raw). Rows with a temperature and
+    no truncation share one pass, log_softmax((logits - max) / T) with T per row, the formula of
+    :func:`proposal_logprobs`. Truncated rows (a sort each) go through that function one by one.
+    """
+    vocab = logits.shape[-1]
+    tempered = [b for b, s in enumerate(specs) if not s.is_raw and not _truncates(s, vocab)]
+    truncated = [b for b, s in enumerate(specs) if _truncates(s, vocab)]
+    if not tempered and not truncated:
+        return logp
+    logq = logp.clone()
+    if tempered:
+        index = torch.tensor(tempered, device=logits.device)
+        t = torch.tensor([specs[b].temperature for b in tempered], dtype=logits.dtype, device=logits.device)
+        rows = logits.index_select(0, index)  # [b, V]
+        z = (rows - rows.amax(-1, keepdim=True)) / t[:, None]
+        logq.index_copy_(0, index, torch.log_softmax(z, dim=-1))
+    for b in truncated:
+        s = specs[b]
+        logq[b] = proposal_logprobs(logits[b], s.temperature, s.top_k, s.top_p)
+    return logq
+
+
+def sample_rows(
+    logits: torch.Tensor, specs: Sequence[SamplingSpec], generators: Sequence[torch.Generator]
+) -> list[TokenStep | Exception]:
+    """Draw one token per row from its q; logits: [B, V] on any device, any float dtype.
+
+    1. log p = log_softmax(logits) in float64: one pass over [B, V].
+    2. log q by :func:`proposal_batch` (only the rows that are not raw cost a pass).
+    3. Inverse CDF: u_b ~ U[0, 1) from row b's own (CPU) generator, one draw per row and step,
+       so a row's draws never depend on the rest of the batch; the token is the first i with
+       cumsum(q_b)[i] > u_b * sum(q_b). That i has q_b(i) > 0, and P(i) = q_b(i) exactly as
+       ``torch.multinomial`` would draw it.
+    4. One host transfer of (token, log q, log p, ok) for all rows. A row whose q has no
+       positive finite mass (NaN or infinite logits) gets a RuntimeError instead of a token.
     """
     logits = logits.to(torch.float64)
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logq_all = logp_all if spec.is_raw else proposal_logprobs(logits, spec.temperature, spec.top_k, spec.top_p)
-    token = int(torch.multinomial(logq_all.exp(), 1, generator=generator).item())
-    return TokenStep(token_id=token, logq=float(logq_all[token]), logp=float(logp_all[token]))
+    logp = torch.log_softmax(logits, dim=-1)  # [B, V]
+    logq = proposal_batch(logits, logp, specs)  # [B, V]
+    cdf = logq.exp().cumsum(-1)  # [B, V]
+    total = cdf[:, -1]  # [B]
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(logits.device)
+    token = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)  # [B]
+    ok = torch.isfinite(total) & (total > 0)
+    picked = torch.stack(
+        [
+            token.to(torch.float64),
+            logq.gather(-1, token[:, None])[:, 0],
+            logp.gather(-1, token[:, None])[:, 0],
+            ok.to(torch.float64),
+        ]
+    )
+    out: list[TokenStep | Exception] = []
+    for t, lq, lp, good in picked.cpu().T.tolist():  # [B, 4]
+        if good:
+            out.append(TokenStep(token_id=int(t), logq=lq, logp=lp))
+        else:
+            out.append(RuntimeError("probability tensor contains either `inf`, `nan` or element < 0"))
+    return out
+
+
+def sample_step(logits: torch.Tensor, spec: SamplingSpec, generator: torch.Generator) -> TokenStep:
+    """One row of :func:`sample_rows`: logits [V]; raises where that returns an error."""
+    step = sample_rows(logits[None], [spec], [generator])[0]
+    if isinstance(step, Exception):
+        raise step
+    return step

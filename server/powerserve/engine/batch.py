@@ -1,0 +1,136 @@
+"""Continuous batching data: a ``generate`` call's row, and the batch whose left-padded KV cache
+its rows share while they advance together, one column per step."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from powerserve.engine.base import SamplingSpec, TokenStep
+from powerserve.engine.kv_cache import CachedSequence, Snapshot, kv_layers, pad_left
+
+Delivery = tuple[TokenStep, int] | BaseException  # (step, rows in that step's forward) or the error
+
+
+@dataclass(eq=False, slots=True)
+class Row:
+    """One ``generate`` call: its sampling state (worker side) and its output queue (caller side).
+
+    In its batch the row's keys and values fill the columns ``start`` .. width - 1, holding
+    ``tokens`` at positions 0 .. len(tokens) - 1; ``pending`` is fed at the next step, at
+    position len(tokens). The queue receives :data:`Delivery` items.
+    """
+
+    prompt: list[int]
+    spec: SamplingSpec
+    generator: torch.Generator
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Delivery]
+    tokens: list[int] = field(default_factory=list)
+    pending: int = -1
+    start: int = 0
+    produced: int = 0
+    reused: int = 0
+    finished: bool = False  # worker side: its last token is sampled
+    closed: bool = False  # caller side: nobody listens any more
+
+    def deliver(self, item: Delivery) -> None:
+        deliver_all([(self, item)])
+
+
+def deliver_all(items: list[tuple[Row, Delivery]]) -> None:
+    """Hand items to their callers with one ``call_soon_threadsafe`` per event loop (not one per
+    row): a decode step wakes each loop once whatever its batch size."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Row, Delivery]]] = {}
+    for row, item in items:
+        by_loop.setdefault(row.loop, []).append((row, item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # the callers' event loop is closed
+            for row, _ in batch:
+                row.closed = True
+
+
+def _put_all(items: list[tuple[Row, Delivery]]) -> None:
+    for row, item in items:
+        row.queue.put_nowait(item)
+
+
+class Batch:
+    """Rows that share one KV cache and advance together, one column per step.
+
+    Layer tensors are [B, heads, width, dim], row b's real tokens in its columns ``start`` ..
+    width - 1 and zeros (masked out) before them: rows are left-padded to a common width. Each
+    row's tokens are contiguous, so its attention mask row is ``column >= start``. RoPE takes
+    each row's own positions (passed explicitly), so where a key sits does not matter.
+    """
+
+    def __init__(self, config: Any, row: Row, seq: CachedSequence) -> None:
+        """A batch of ``row`` alone, whose own cache ``seq`` holds ``row.tokens``."""
+        self.config = config
+        self.rows, self.cache, self.width, row.start = [row], seq.cache, len(row.tokens), 0
+
+    def join(self, row: Row, seq: CachedSequence) -> None:
+        """Add ``row`` whose own cache ``seq`` holds ``row.tokens`` ([1, h, n, d] per layer)."""
+        n = len(row.tokens)
+        ours, theirs = kv_layers(self.cache), kv_layers(seq.cache)
+        like = ours or theirs
+        if like is not None:
+            width = max(self.width, n)
+            ours = pad_left(ours, like, len(self.rows), width - self.width)
+            theirs = pad_left(theirs, like, 1, width - n)
+            kv = [(torch.cat([k, k1]), torch.cat([v, v1])) for (k, v), (k1, v1) in zip(ours, theirs, strict=True)]
+            self.cache = DynamicCache(ddp_cache_data=kv, config=self.config)
+            for r in self.rows:
+                r.start += width - self.width
+            self.width = width
+        row.start = self.width - n
+        self.rows.append(row)
+
+    def step_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Model inputs for one step: each row's pending token at its own next position.
+
+        A batch without padding (every row starts at column 0: one row, say) needs no mask.
+        """
+        rows = self.rows
+        inputs = {
+            "input_ids": torch.tensor([[r.pending] for r in rows], device=device),  # [B, 1]
+            "position_ids": torch.tensor([[len(r.tokens)] for r in rows], device=device),  # [B, 1]
+        }
+        if any(r.start for r in rows):
+            starts = torch.tensor([r.start for r in rows], device=device)
+            # [B, width + 1]: 1 on the row's own columns, the new one included.
+            inputs["attention_mask"] = (torch.arange(self.width + 1, device=device)[None, :] >= starts[:, None]).long()
+        return inputs
+
+    def snapshot(self, b: int) -> Snapshot | None:
+        """Row b's keys and values, copied out of the batch (a view would keep it all alive)."""
+        row, kv = self.rows[b], kv_layers(self.cache)
+        if kv is None or self.width - row.start != len(row.tokens):
+            return None
+        if len(self.rows) == 1 and row.start == 0:  # the cache is the row's own
+            return Snapshot(tuple(row.tokens), tuple(kv))
+        layers = tuple((k[b : b + 1, :, row.start :].clone(), v[b : b + 1, :, row.start :].clone()) for k, v in kv)
+        return Snapshot(tuple(row.tokens), layers)
+
+    def drop(self, gone: set[int]) -> None:
+        """Remove rows ``gone`` (indices), then the columns no remaining row uses."""
+        keep = [b for b in range(len(self.rows)) if b not in gone]
+        if not keep:  # the batch is about to be discarded
+            self.rows = []
+            return
+        rows = [self.rows[b] for b in keep]
+        unused = min(r.start for r in rows)
+        kv = kv_layers(self.cache)
+        if kv is not None:
+            index = torch.tensor(keep, device=kv[0][0].device)
+            kv = [(k.index_select(0, index)[:, :, unused:], v.index_select(0, index)[:, :, unused:]) for k, v in kv]
+            self.cache = DynamicCache(ddp_cache_data=kv, config=self.config)
+        for r in rows:
+            r.start -= unused
+        self.rows, self.width = rows, self.width - unused
