@@ -13,6 +13,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 from openai import OpenAI
 
@@ -22,6 +23,7 @@ from powerserve.engine.base import EngineStats, SamplingSpec, TokenStep
 from powerserve.engine.torch_engine import TorchEngine
 from powerserve.serving.streaming import PROGRESS_PREFIX
 from tests.serving.conftest import MAX_MODEL_LEN, MODEL, make_client
+from tests.tabular_engine import TabularEngine
 from tests.tiny_model import make_tiny_llama
 
 FAST = {"progress_interval_s": 0.02}
@@ -190,3 +192,52 @@ def test_keep_alive_is_unchanged_for_token_streaming_decoders(engine: TorchEngin
         evs = events(client.post("/v1/completions", json=body).text)
     assert not any(kind == "progress" for kind, _ in evs)
     assert evs[-1] == ("done", None)
+
+
+class ForcedEngine(TabularEngine):
+    """The real tokenizer over a table that makes ``text``'s tokens (then EOS) all but certain:
+    every power_smc particle follows them, so the whole answer is decided, and streamed, as it
+    is sampled, in ``resample_interval`` bursts that cut multi-byte characters apart."""
+
+    def __init__(self, tokenizer: Any, text: str) -> None:
+        self.forced = [*tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+        self.vocab = len(tokenizer)
+        super().__init__(self.table, frozenset([tokenizer.eos_token_id]), max_model_len=MAX_MODEL_LEN)
+        self.tokenizer = tokenizer
+        self.model_name = MODEL
+        self.prompt_len: int | None = None
+
+    def table(self, prefix: tuple[int, ...]) -> np.ndarray:
+        t = len(prefix) - (self.prompt_len or 0)
+        logp = np.full(self.vocab, -40.0)
+        logp[self.forced[min(t, len(self.forced) - 1)]] = 0.0
+        return logp
+
+    async def generate(
+        self, prompt_ids: Sequence[int], spec: SamplingSpec, stats: EngineStats
+    ) -> AsyncIterator[TokenStep]:
+        if self.prompt_len is None:
+            self.prompt_len = len(prompt_ids)
+        async for step in super().generate(prompt_ids, spec, stats):
+            yield step
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_power_smc_streamed_prefix_keeps_multibyte_characters_and_stops(tokenizer: Any, stream: bool) -> None:
+    """Three-byte characters split over three tokens each, and a stop string inside the decided
+    prefix: no replacement character in any chunk, text cut before the stop string."""
+    engine = ForcedEngine(tokenizer, "Voilà 語 and 🦜 ok STOP more text")
+    smc = {"name": "power_smc", "particles": 4, "resample_interval": 2}
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 30, "decoder": smc, "stop": ["STOP"], "seed": 1}
+    with make_client(engine, **FAST) as client:
+        r = client.post("/v1/completions", json={**body, "stream": stream})
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [obj["choices"][0] for kind, obj in events(r.text) if kind == "data" and obj["choices"]]
+        texts = [c["text"] for c in chunks if c["text"]]
+        assert len(texts) >= 3 and not any("\ufffd" in t for t in texts)
+        text, finish = "".join(texts), chunks[-1]["finish_reason"]
+    else:
+        text, finish = r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]
+    assert text == "Voilà 語 and 🦜 ok "
+    assert finish == "stop"
