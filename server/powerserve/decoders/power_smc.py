@@ -149,7 +149,8 @@ class PowerSmcDecoder(Decoder):
     name = "power_smc"
     description = (
         "Sequential Monte Carlo power sampling of p(x)^alpha: N particles from temperature 1/alpha, "
-        "weighted and resampled; yields the whole answer at the end. Ignores temperature/top_p/top_k."
+        "weighted and resampled; streams the prefix all particles share, the rest at the end. "
+        "Ignores temperature/top_p/top_k."
     )
     params_model = PowerSmcParams
     streams_tokens = False  # only the decided prefix streams, not every sampled token
