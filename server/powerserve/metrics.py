@@ -3,19 +3,39 @@
 Labels are low-cardinality: ``decoder`` and ``model`` (and ``outcome`` on the request
 counter). Series live in prometheus_client's global registry, where vLLM also registers its
 own ``vllm:*`` series, so one ``/metrics`` page shows both.
+
+Buckets are dense where decoders differ: self-reward per token in steps of 0.02 from -1.5 to 0
+(decoders differ by 0.05-0.1 there), latency and time to first token in steps of about 10%
+from 0.5 s to 60 s. Histograms only estimate quantiles; :data:`RECENT` keeps the exact last
+observations per decoder for the built-in dashboard (see :func:`observe`).
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from collections.abc import Callable
+
 from prometheus_client import Counter, Gauge, Histogram
+
+
+def _ladder(low: float, high: float, ratio: float) -> tuple[float, ...]:
+    """Bounds low, low*ratio, ... up to high (3 significant digits), then high."""
+    out, b = [], low
+    while b < high * 0.999:
+        out.append(float(f"{b:.3g}"))
+        b *= ratio
+    return (*dict.fromkeys(out), high)
+
 
 LABELS = ("decoder", "model")
 
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
-SELF_REWARD_BUCKETS = (-8, -6, -4, -3, -2, -1.5, -1, -0.75, -0.5, -0.25, -0.1, -0.05, 0)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, *_ladder(0.5, 60, 1.1), 90, 120, 300, 600)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, *_ladder(0.5, 60, 1.1), 120, 300)
+SELF_REWARD_BUCKETS = (-8, -6, -4, -3, -2.5, -2, -1.75, *(round(-1.5 + 0.02 * i, 2) for i in range(76)))
 MULTIPLIER_BUCKETS = (1, 1.25, 1.5, 2, 3, 5, 8, 12, 20, 30, 50, 100)
 RATE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+FRACTION_BUCKETS = (0.0, *(round(0.1 * i, 1) for i in range(1, 10)), 0.95, 0.99, 1.0)
 
 REQUESTS = Counter(
     "powerserve_requests",
@@ -73,3 +93,62 @@ ACCEPTANCE_RATE = Histogram(
     LABELS,
     buckets=RATE_BUCKETS,
 )
+STREAMED_FRACTION = Histogram(
+    "powerserve_streamed_fraction",
+    "Share of a choice's output tokens sent before the decoder's last engine token was spent "
+    "(0: the answer came at the end; about 1: token by token), one observation per choice",
+    LABELS,
+    buckets=FRACTION_BUCKETS,
+)
+
+
+# --- exact recent observations, for the built-in dashboard --------------------------------------
+
+RECENT_KEEP = 500  # observations kept per (series, decoder)
+
+
+class Recent:
+    """The last ``keep`` observations of some histograms, per decoder, with their times.
+
+    Prometheus histograms only allow bucket estimates of quantiles; the dashboard computes its
+    quantiles from these instead (exact over the observations kept, labelled "exact, last N").
+    Observations are ``(unix time, value)`` in arrival order.
+    """
+
+    def __init__(self, keep: int = RECENT_KEEP, clock: Callable[[], float] = time.time) -> None:
+        self.keep = keep
+        self.clock = clock
+        self.series: dict[tuple[str, str], deque[tuple[float, float]]] = {}
+
+    def add(self, key: str, decoder: str, value: float) -> None:
+        self.series.setdefault((key, decoder), deque(maxlen=self.keep)).append((self.clock(), value))
+
+    def values(self, key: str, decoder: str, since: float | None = None, until: float | None = None) -> list[float]:
+        """Kept values of ``key`` for ``decoder`` observed in (since, until]."""
+        kept = self.series.get((key, decoder), ())
+        return [v for t, v in kept if (since is None or t > since) and (until is None or t <= until)]
+
+    def covers(self, key: str, decoder: str, since: float) -> bool:
+        """True when every observation after ``since`` is still kept (none was pushed out)."""
+        kept = self.series.get((key, decoder))
+        return kept is None or len(kept) < self.keep or kept[0][0] <= since
+
+    def decoders(self) -> set[str]:
+        return {decoder for _, decoder in self.series}
+
+
+RECENT = Recent()
+
+# Short key -> histogram, for the series that ``observe`` also keeps exactly.
+EXACT = {
+    "latency": LATENCY,
+    "ttft": TTFT,
+    "self_reward": SELF_REWARD,
+    "streamed_fraction": STREAMED_FRACTION,
+}
+
+
+def observe(key: str, labels: tuple[str, str], value: float, recent: Recent = RECENT) -> None:
+    """Observe ``value`` in the histogram ``EXACT[key]`` and keep it in ``recent`` (per decoder)."""
+    EXACT[key].labels(*labels).observe(value)
+    recent.add(key, labels[0], value)

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_queued_weight: float = Field(512, ge=0, description="cost weight allowed to wait; beyond it: 429")
     request_timeout_s: float = Field(600, gt=0, description="deadline per request, queueing included")
     drain_timeout_s: float = Field(30, ge=0, description="on SIGTERM: time to finish running work before cancelling it")
+    progress_interval_s: float = Field(
+        1.0, gt=0, le=60, description="seconds between progress comments in streams of decoders that answer late"
+    )
 
     # Decoders
     distilled: Path | None = Field(None, description="checkpoint served by the 'distilled' decoder")

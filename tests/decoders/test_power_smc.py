@@ -15,6 +15,11 @@ simulated samples of R = 2000 from those distributions the empirical TV lies in 
 The test asserts TV(N=2) > TV(N=8) > TV(N=32) and TV(N=32) < TOLERANCE = 0.07 (alpha4 too);
 temperature 1/alpha, which is N = 1, is at 0.31 (alpha4: 0.35). The seeds are fixed, so the
 tabular runs are deterministic; they give 0.208 / 0.078 / 0.018 (alpha4 at N = 32: 0.005).
+
+Streaming the decided prefix must not change the law: the decoder with ``stream_prefix`` on and
+off is run on the same 2000 seeds at N = 32 (alpha2) and must give the very same steps, run by
+run (so the same empirical distribution, TV 0 between them), and both within TOLERANCE of
+p^alpha.
 """
 
 from __future__ import annotations
@@ -100,9 +105,10 @@ def test_systematic_resampling_is_unbiased() -> None:
 # --- parameters, registry and cost -------------------------------------------------------------
 
 
-def test_registered_and_not_streaming() -> None:
+def test_registered_and_not_streaming_every_token() -> None:
     assert DECODERS["power_smc"] is PowerSmcDecoder
-    assert PowerSmcDecoder.streams_tokens is False
+    assert PowerSmcDecoder.streams_tokens is False  # only the decided prefix streams
+    assert PowerSmcDecoder(tabular()).stream_prefix is True
 
 
 def test_params_defaults() -> None:
@@ -290,3 +296,83 @@ async def test_power_smc_on_torch_engine_restarts_from_cached_prefixes() -> None
             assert stats.extra["prefix_cache_hit_tokens"] >= stats.extra["restarts"] * len(prompt)
     finally:
         await engine.shutdown()
+
+
+# --- streaming the decided prefix --------------------------------------------------------------
+
+
+async def test_streaming_on_and_off_give_the_same_steps_for_a_seed() -> None:
+    """Same seed, same tokens and the same log p / log q, whether the prefix streams or not."""
+    on, off = PowerSmcDecoder(tabular()), PowerSmcDecoder(tabular(), stream_prefix=False)
+    for params in (smc_params(2.0, 8), PowerSmcParams(alpha=2.0, particles=4, resample_interval=2)):
+        for seed in range(100):
+            stats_on, stats_off = EngineStats(), EngineStats()
+            a = await decode(on, request(exact.RICH, params, seed, max_tokens=6), stats_on)
+            b = await decode(off, request(exact.RICH, params, seed, max_tokens=6), stats_off)
+            assert a == b, seed
+            assert stats_on == stats_off
+
+
+async def test_power_smc_law_is_the_same_with_streaming_on_and_off() -> None:
+    """See the module docstring: the same runs seed by seed, both close to p^alpha."""
+    s = exact.setup(exact.RICH)
+    params = smc_params(exact.RICH.alpha, 32)
+    on = await exact.run_many(PowerSmcDecoder(tabular()), s, params, N_RUNS)
+    off = await exact.run_many(PowerSmcDecoder(tabular(), stream_prefix=False), s, params, N_RUNS)
+    assert [[x.token_id for x in run] for run in on] == [[x.token_id for x in run] for run in off]
+    assert total_variation(exact.empirical(on), exact.empirical(off)) == 0.0
+    assert total_variation(exact.empirical(on), s.target) < TOLERANCE
+    assert total_variation(exact.empirical(off), s.target) < TOLERANCE
+
+
+FORCED = 3  # tokens every particle must take first in the ``forced_table`` model
+WORDS = (1, 2, 3)
+
+
+def forced_table(prefix: tuple[int, ...]) -> np.ndarray:
+    """A 4-token vocabulary (EOS = 0) where the first FORCED tokens after the one-token prompt
+    are 1, 2, 3 with probability 1 - 3e-9 each; after them, three words and EOS are equally
+    likely. Particles coalesce over the forced tokens at once and rarely afterwards."""
+    t = len(prefix) - 1
+    if t < FORCED:
+        logp = np.full(4, np.log(1e-9))
+        logp[WORDS[t]] = np.log1p(-3e-9)
+        return logp
+    return np.full(4, np.log(0.25))
+
+
+async def test_decided_prefix_is_yielded_before_the_run_ends() -> None:
+    """The forced tokens come out while the particles still have tokens to generate; with
+    stream_prefix off, nothing comes out before the last engine token."""
+    for stream_prefix, early_expected in ((True, FORCED), (False, 0)):
+        for seed in range(10):
+            engine = TabularEngine(forced_table, exact.EOS)
+            decoder = PowerSmcDecoder(engine, stream_prefix=stream_prefix)
+            stats = EngineStats()
+            params = PowerSmcParams(alpha=2.0, particles=8, resample_interval=1)
+            spent_at_yield = []
+            out = []
+            async for step in decoder.decode(DecodeRequest((3,), 12, seed, OpenAISampling(), params), stats):
+                spent_at_yield.append(stats.tokens_generated)
+                out.append(step.token_id)
+            assert out[:FORCED] == list(WORDS)
+            early = sum(spent < stats.tokens_generated for spent in spent_at_yield)
+            assert early >= early_expected if stream_prefix else early == 0, (seed, spent_at_yield)
+            # The forced prefix is out after the first round: 8 particles x 1 token each per
+            # token of it (the first yield happens when each particle has FORCED tokens at most).
+            if stream_prefix:
+                assert spent_at_yield[FORCED - 1] <= 8 * FORCED
+                assert stats.extra["tokens_decided"] >= FORCED
+
+
+async def test_closing_the_stream_after_a_decided_token_closes_every_particle() -> None:
+    """A consumer that stops early (a stop string in the decided prefix) leaves no stream open."""
+    engine = CountingEngine(forced_table, exact.EOS)
+    decoder = PowerSmcDecoder(engine)
+    params = PowerSmcParams(alpha=2.0, particles=8, resample_interval=1)
+    agen = decoder.decode(DecodeRequest((3,), 12, 0, OpenAISampling(), params), EngineStats())
+    first = await anext(agen)  # type: ignore[call-overload]
+    assert first.token_id == WORDS[0]
+    assert engine.open > 0
+    await agen.aclose()  # type: ignore[attr-defined]
+    assert engine.open == 0

@@ -140,3 +140,17 @@ def test_provisioning_points_at_the_dashboard_and_a_default_prometheus() -> None
     assert (DEPLOY / mounts["/etc/grafana/provisioning"]).resolve() == PROVISIONING
     home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
+
+
+def test_streamed_fraction_panel_sits_next_to_time_to_first_token() -> None:
+    """Issue 17: the share of each answer streamed before the end, per decoder, beside TTFT."""
+    d = load_dashboard()
+    by_metric = {
+        name: panel for panel in panels(d) for t in panel.get("targets", []) for name in metric_names(t["expr"])
+    }
+    streamed = by_metric["powerserve_streamed_fraction_sum"]
+    ttft = by_metric["powerserve_time_to_first_token_seconds_bucket"]
+    assert "powerserve_streamed_fraction_count" in {n for t in streamed["targets"] for n in metric_names(t["expr"])}
+    assert streamed["gridPos"]["y"] == ttft["gridPos"]["y"]  # same row
+    assert abs(streamed["gridPos"]["x"] - ttft["gridPos"]["x"]) == ttft["gridPos"]["w"]  # adjacent
+    assert streamed["fieldConfig"]["defaults"]["unit"] == "percentunit"

@@ -4,10 +4,18 @@ The server keeps no timer for this: a snapshot of the registry is taken when the
 data, kept if at least ``interval_s`` passed since the last kept one, and dropped after
 ``keep_s``. Each chart point at time t summarises the window (t - window_s, t], computed from
 the difference of two snapshots, so a point stays meaningful however irregular the polling.
+
+Quantiles (latency, time to first token, self-reward) and the streamed fraction come from the
+exact recent observations of :class:`powerserve.metrics.Recent` when the history has one (the
+server's does): the totals use the last ``recent.keep`` observations per decoder ("exact, last
+N"), a chart point the observations of its window while none of them has been pushed out.
+Otherwise they are estimated from the histogram buckets, as PromQL's ``histogram_quantile``
+does (``"quantiles": "buckets"`` in the data).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -17,20 +25,44 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from powerserve.dashboard.snapshot import Reading, Snapshot, read
+from powerserve.metrics import EXACT, Recent
 
 # The statistics the page charts over time, per decoder (keys of ``summarise``).
-SERIES = ("latency_p50", "latency_p95", "ttft_p50", "tokens_per_s", "requests_per_s", "cost_multiplier")
+SERIES = (
+    "latency_p50",
+    "latency_p95",
+    "ttft_p50",
+    "streamed_fraction",
+    "tokens_per_s",
+    "requests_per_s",
+    "cost_multiplier",
+)
 
 
-def summarise(r: Reading, seconds: float) -> dict[str, Any]:
+def exact_quantile(values: list[float], q: float) -> float | None:
+    """The q-quantile of ``values`` with linear interpolation between order statistics
+    (numpy's default): position q * (n - 1) in the sorted values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarise(r: Reading, seconds: float, exact: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """Per-decoder statistics of ``r`` (cumulative or a window) over ``seconds``.
 
     cost_multiplier = (engine tokens generated + scored) / output tokens, the same ratio the
     response's ``powerserve.cost_multiplier`` reports for one request; self_reward is the median
     of the per-choice mean log p per token (estimated from the buckets: prometheus_client does
     not export a ``_sum`` for a histogram with negative buckets, so there is no mean);
-    acceptance_rate is the mean per-choice MCMC acceptance rate. Values with nothing to average
-    are ``None``.
+    acceptance_rate is the mean per-choice MCMC acceptance rate; streamed_fraction the mean share
+    of a choice's tokens sent before its decoder's work ended. Values with nothing to average
+    are ``None``. ``exact`` (key of ``metrics.EXACT`` -> observations) replaces the bucket
+    estimates of latency, TTFT and self-reward quantiles and of the streamed fraction wherever
+    it holds values.
     """
     latency = r.hists.get("latency")
     ttft = r.hists.get("ttft")
@@ -40,7 +72,8 @@ def summarise(r: Reading, seconds: float) -> dict[str, Any]:
     proposed = r.scalars.get("tokens_proposed", 0.0)
     reward = r.hists.get("self_reward")
     acceptance = r.hists.get("acceptance_rate")
-    return {
+    streamed = r.hists.get("streamed_fraction")
+    out = {
         "requests": {k: round(v) for k, v in sorted(r.requests.items())},
         "running": round(r.scalars.get("running", 0.0)),
         "completed": round(completed),
@@ -58,7 +91,24 @@ def summarise(r: Reading, seconds: float) -> dict[str, Any]:
         "self_reward": reward.quantile(0.5) if reward else None,
         "acceptance_rate": acceptance.mean() if acceptance else None,
         "token_acceptance": r.scalars.get("tokens_accepted", 0.0) / proposed if proposed > 0 else None,
+        "streamed_fraction": streamed.mean() if streamed else None,
     }
+    exact = exact or {}
+    for key, quantiles in _EXACT_FIELDS.items():
+        values = exact.get(key)
+        if values:
+            out.update({name: exact_quantile(values, q) for name, q in quantiles})
+    if exact.get("streamed_fraction"):
+        out["streamed_fraction"] = math.fsum(exact["streamed_fraction"]) / len(exact["streamed_fraction"])
+    return out
+
+
+# Which fields of ``summarise`` each exact series gives, with their quantile.
+_EXACT_FIELDS = {
+    "latency": (("latency_p50", 0.5), ("latency_p95", 0.95), ("latency_p99", 0.99)),
+    "ttft": (("ttft_p50", 0.5), ("ttft_p95", 0.95)),
+    "self_reward": (("self_reward", 0.5),),
+}
 
 
 @dataclass
@@ -71,6 +121,7 @@ class History:
     interval_s: float = 2.0
     keep_s: float = 900.0
     clock: Callable[[], float] = time.time
+    recent: Recent | None = None  # exact recent observations (same clock as ``clock``)
     points: deque[Snapshot] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
@@ -96,14 +147,31 @@ class History:
         """The JSON body of ``/dashboard/data``: totals since start, and per-decoder series."""
         now = self.sample()
         uptime = now.t - self.baseline.t
-        totals = {name: summarise(r, uptime) for name, r in sorted(now.minus(self.baseline).items())}
+        totals = {
+            name: summarise(r, uptime, self._exact(name, self.baseline.t, now.t))
+            for name, r in sorted(now.minus(self.baseline).items())
+        }
         return {
             "time": now.t,
             "uptime_s": uptime,
             "window_s": self.window_s,
             "interval_s": self.interval_s,
+            "quantiles": "exact" if self.recent is not None else "buckets",
+            "exact_last": self.recent.keep if self.recent is not None else None,
             "decoders": totals,
             "series": self._series(),
+        }
+
+    def _exact(self, decoder: str, since: float, until: float, whole: bool = False) -> dict[str, list[float]]:
+        """Kept observations of ``decoder`` in (since, until]; with ``whole``, only series that
+        still hold every observation of that span (others are left to the bucket estimate)."""
+        if self.recent is None:
+            return {}
+        recent = self.recent
+        return {
+            key: recent.values(key, decoder, since, until)
+            for key in EXACT
+            if not whole or recent.covers(key, decoder, since)
         }
 
     def _series(self) -> dict[str, Any]:
@@ -118,7 +186,7 @@ class History:
             older = points[start]
             window = point.minus(older)
             for name, reading in window.items():
-                stats = summarise(reading, point.t - older.t)
+                stats = summarise(reading, point.t - older.t, self._exact(name, older.t, point.t, whole=True))
                 columns = per_decoder.setdefault(name, {s: [None] * len(times) for s in SERIES})
                 for s in SERIES:
                     columns[s].append(stats[s])

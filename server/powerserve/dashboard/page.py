@@ -59,14 +59,17 @@ PAGE = r"""<!doctype html>
     <table id="totals">
       <thead><tr>
         <th>decoder</th><th>ok</th><th>failed</th><th>cancelled</th><th>running</th>
-        <th>latency p50</th><th>p95</th><th>p99</th><th>TTFT p50</th><th>tokens/s</th>
+        <th>latency p50</th><th>p95</th><th>p99</th><th>TTFT p50</th><th>streamed</th><th>tokens/s</th>
         <th>cost ×</th><th>self-reward p50</th><th>acceptance</th>
       </tr></thead>
       <tbody></tbody>
     </table>
     <div class="note">cost × = engine tokens (generated + scored) per returned token;
       self-reward = median over choices of the mean log p per returned token under the base model;
-      acceptance = Metropolis-Hastings acceptance rate (MCMC decoders).</div>
+      acceptance = Metropolis-Hastings acceptance rate (MCMC decoders);
+      streamed = mean share of an answer's tokens sent before its decoder's work ended
+      (0: all at the end; near 1: token by token).</div>
+    <div class="note" id="quantile-note"></div>
   </section>
   <section class="charts" id="charts"></section>
 </main>
@@ -80,6 +83,7 @@ const CHARTS = [
   {key: "cost_multiplier", title: "Cost multiplier", unit: "x"},
   {key: "tokens_per_s", title: "Output tokens/s", unit: ""},
   {key: "ttft_p50", title: "Time to first token p50", unit: "s"},
+  {key: "streamed_fraction", title: "Streamed before the end", unit: "%"},
   {key: "requests_per_s", title: "Completed requests/s", unit: ""},
 ];
 const COLUMNS = [
@@ -91,6 +95,7 @@ const COLUMNS = [
   ["latency_p95", r => r.latency_p95, "s"],
   ["latency_p99", r => r.latency_p99, "s"],
   ["ttft_p50", r => r.ttft_p50, "s"],
+  ["streamed_fraction", r => r.streamed_fraction, "%"],
   ["tokens_per_s", r => r.tokens_per_s, ""],
   ["cost_multiplier", r => r.cost_multiplier, "x"],
   ["self_reward", r => r.self_reward, ""],
@@ -252,6 +257,10 @@ async function poll() {
       "model " + (data.model || "?") + " · engine " + (data.engine || "?") +
       " · up " + Math.round(data.uptime_s) + " s";
     drawTable(data.decoders);
+    document.getElementById("quantile-note").textContent = data.quantiles === "exact"
+      ? "Quantiles (latency, TTFT, self-reward) and streamed: exact, last " + data.exact_last +
+        " observations per decoder (charts: exact over each window; Grafana shows Prometheus bucket estimates)."
+      : "Quantiles: estimated from Prometheus histogram buckets.";
     for (const c of CHARTS) drawChart(c, data.series.t, data.series.decoders, data.window_s);
     setStatus(true, "live · " + clock(data.time));
     document.body.dataset.polls = String(Number(document.body.dataset.polls || 0) + 1);

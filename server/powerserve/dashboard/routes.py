@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse
 
+from powerserve import metrics
 from powerserve.dashboard.history import History
 from powerserve.dashboard.page import PAGE
 
@@ -33,7 +34,8 @@ def make_router(history: History) -> APIRouter:
 
 
 def install(app: FastAPI, history: History | None = None) -> History:
-    """Mount the dashboard on ``app``. Its "since start" totals count from this call."""
-    history = history if history is not None else History()
+    """Mount the dashboard on ``app``. Its "since start" totals count from this call; its
+    quantiles are exact over the last observations that ``metrics.RECENT`` keeps."""
+    history = history if history is not None else History(recent=metrics.RECENT)
     app.include_router(make_router(history))
     return history

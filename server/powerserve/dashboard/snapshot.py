@@ -35,6 +35,7 @@ HISTOGRAMS: dict[str, MetricWrapperBase] = {
     "self_reward": metrics.SELF_REWARD,
     "cost_multiplier": metrics.COST_MULTIPLIER,
     "acceptance_rate": metrics.ACCEPTANCE_RATE,
+    "streamed_fraction": metrics.STREAMED_FRACTION,
 }
 GAUGES = frozenset({"running"})  # not cumulative: a difference keeps the newer value
 

@@ -6,6 +6,13 @@ weights degenerate the population is resampled, and the answer is one particle d
 proportion to its final weight. The output distribution tends to p^alpha as N grows (the
 bias of a finite population is O(1/N)); N = 1 is plain temperature-1/alpha sampling.
 
+The decided prefix streams: particles only grow, and resampling only replaces a particle by a
+copy of another, so the tokens that every live particle shares from the start can never change
+and are part of whichever particle is finally drawn. They are yielded as soon as they are
+shared (typically once the population descends from one ancestor), without touching the
+weights or the random stream, so the output law and the tokens for a seed are the same as when
+everything is yielded at the end (``stream_prefix=False``).
+
 Every random number comes from one generator seeded with ``request.seed``, including the
 seed of each engine call, so a seed reproduces the whole run. Only the :class:`Engine`
 interface is used: concurrent ``generate`` iterators (batched by engines that batch), and
@@ -24,7 +31,7 @@ import numpy as np
 from pydantic import Field
 
 from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams
-from powerserve.engine.base import EngineStats, SamplingSpec, TokenStep
+from powerserve.engine.base import Engine, EngineStats, SamplingSpec, TokenStep
 
 # Per-call engine seeds are drawn below this bound: every engine accepts a 31-bit seed.
 _SEED_BOUND = 2**31
@@ -122,6 +129,18 @@ class _Particle:
             await stream.aclose()  # type: ignore[attr-defined]
 
 
+def _decided_steps(particles: Sequence[_Particle], start: int) -> list[TokenStep]:
+    """Tokens from position ``start`` on that every particle has, with the same id, at the same
+    place: the part of the shared prefix not yet decided. Log p and log q are the first
+    particle's (copies of one ancestor carry the same values)."""
+    first = particles[0]
+    end = min(len(p.token_ids) for p in particles)
+    k = start
+    while k < end and all(p.token_ids[k] == first.token_ids[k] for p in particles):
+        k += 1
+    return [TokenStep(token_id=first.token_ids[i], logq=first.logq[i], logp=first.logp[i]) for i in range(start, k)]
+
+
 def _add(stats: EngineStats, key: str, value: float) -> None:
     stats.extra[key] = stats.extra.get(key, 0.0) + value
 
@@ -130,10 +149,16 @@ class PowerSmcDecoder(Decoder):
     name = "power_smc"
     description = (
         "Sequential Monte Carlo power sampling of p(x)^alpha: N particles from temperature 1/alpha, "
-        "weighted and resampled; yields the whole answer at the end. Ignores temperature/top_p/top_k."
+        "weighted and resampled; streams the prefix all particles share, the rest at the end. "
+        "Ignores temperature/top_p/top_k."
     )
     params_model = PowerSmcParams
-    streams_tokens = False
+    streams_tokens = False  # only the decided prefix streams, not every sampled token
+
+    def __init__(self, engine: Engine, stream_prefix: bool = True) -> None:
+        """``stream_prefix=False`` holds every token back to the end (the same tokens, later)."""
+        super().__init__(engine)
+        self.stream_prefix = stream_prefix
 
     def expected_cost(self, params: DecoderParams, max_tokens: int) -> float:
         """Upper bound on engine tokens (generated + scored): 2 * N * max_tokens.
@@ -148,7 +173,8 @@ class PowerSmcDecoder(Decoder):
         return 2.0 * params.particles * max_tokens
 
     async def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
-        """Run the particle system, then yield the chosen particle's tokens.
+        """Run the particle system, yielding the decided prefix as it grows and the rest of the
+        chosen particle's tokens at the end.
 
         With T = max_tokens, R = min(ramp_tokens, T) and alpha_t = 1 + (alpha-1)*min(1, t/R):
 
@@ -165,9 +191,13 @@ class PowerSmcDecoder(Decoder):
            equal (base = alpha_t*S_p - S_q). An ancestor kept once keeps its stream; one copied
            several times has its stream closed and every copy restarts from its tokens, which
            the engine serves from its prefix cache (shared KV on torch, prefix caching on vLLM).
-        5. Repeat 2-4 until every particle has ended (EOS or T tokens). Then every log-weight is
-           taken at alpha (alpha*S_p - S_q - base, also when all ended before the ramp did) and
-           the answer is one particle drawn with probability proportional to its weight.
+        5. After each advance (and its scoring), yield the decided prefix: the longest run of
+           tokens that all N particles share, beyond what was yielded before (with
+           ``stream_prefix``; otherwise nothing is yielded before the end).
+        6. Repeat 2-5 until every particle has ended (EOS or T tokens). Then every log-weight is
+           taken at alpha (alpha*S_p - S_q - base, also when all ended before the ramp did),
+           one particle is drawn with probability proportional to its weight, and its tokens
+           beyond the decided prefix are yielded.
         """
         params = request.params
         assert isinstance(params, PowerSmcParams)
@@ -180,6 +210,7 @@ class PowerSmcDecoder(Decoder):
         ess_min = 1.0
 
         particles = [_Particle() for _ in range(n)]
+        decided: list[TokenStep] = []  # the shared prefix, yielded (or held back) so far
         try:
             for p in particles:
                 self._start(p, request, rng, stats)
@@ -192,6 +223,12 @@ class PowerSmcDecoder(Decoder):
                             group.create_task(self._advance(p, k, stats))
                 t += k
                 await self._score_missing(particles, request.prompt_ids, stats)
+                new = _decided_steps(particles, len(decided))
+                decided += new
+                stats.extra["tokens_decided"] = len(decided)
+                if self.stream_prefix:
+                    for step in new:
+                        yield step
                 if t >= limit or all(p.done for p in particles):
                     break  # the final draw below weighs the particles: no point resampling now
                 alpha_t = ramp_alpha(t, params.alpha, ramp)
@@ -210,7 +247,9 @@ class PowerSmcDecoder(Decoder):
                     await p.close()
         stats.extra["ess_min"] = ess_min
         _add(stats, "tokens_accepted", len(chosen.token_ids))
-        for tok, lq, lp in zip(chosen.token_ids, chosen.logq, chosen.logp, strict=True):
+        assert chosen.token_ids[: len(decided)] == [s.token_id for s in decided], "a decided token changed"
+        start = len(decided) if self.stream_prefix else 0  # off: the chosen particle's own steps
+        for tok, lq, lp in zip(chosen.token_ids[start:], chosen.logq[start:], chosen.logp[start:], strict=True):
             yield TokenStep(token_id=tok, logq=lq, logp=lp)
 
     # --- steps of decode ----------------------------------------------------------------------

@@ -4,7 +4,8 @@ For every choice it drives the decoder, detokenises and applies stop strings, me
 the self-reward of the returned tokens under the base model (scoring them if the decoder did
 not already carry raw log-probabilities), and at the end records the request's cost and
 outcome in the Prometheus series. Streaming and non-streaming responses share this path;
-streaming just listens to the deltas as they come.
+streaming just listens to the deltas as they come, and reads :meth:`Runner.progress` (the live
+counters of each choice) while a decoder that does not stream works.
 """
 
 from __future__ import annotations
@@ -25,6 +26,18 @@ from powerserve.serving.state import ServerState
 from powerserve.text import Detokenizer
 
 SHUTDOWN = "powerserve-shutdown"  # the cancel message a draining server sends to running requests
+# Live decoder counters that progress events report when present (power_mcmc keeps the block
+# and MH-step counters; power_smc the decided tokens).
+PROGRESS_KEYS = (
+    "blocks_done",
+    "blocks_total",
+    "mh_steps_done",
+    "mh_steps_total",
+    "proposals",
+    "accepted_proposals",
+    "acceptance_rate",
+    "tokens_decided",
+)
 
 
 @dataclass(slots=True)
@@ -47,6 +60,7 @@ class ChoiceResult:
     finish_reason: FinishReason
     stats: EngineStats
     top: list[dict[int, float]] | None = None
+    streamed: int = 0  # tokens yielded before the decoder spent its last engine token
 
 
 @dataclass(slots=True)
@@ -73,6 +87,29 @@ class Runner:
     on_delta: Callable[[Delta], None] | None = None
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    live: dict[int, EngineStats] = field(default_factory=dict)  # choice index -> its running counters
+    yielded: dict[int, int] = field(default_factory=dict)  # choice index -> tokens out of the decoder
+
+    def progress(self) -> dict[str, object]:
+        """Where the running choices stand: ``{"elapsed_s", "choices": [...]}``.
+
+        Each choice reports ``index``, ``engine_tokens`` (generated + scored so far),
+        ``tokens_out`` (tokens the decoder has released) and, where its decoder keeps them
+        in ``EngineStats.extra``, the keys of :data:`PROGRESS_KEYS`; ``acceptance_rate`` is
+        accepted_proposals / proposals when the decoder has proposals but no rate yet.
+        """
+        choices: list[dict[str, object]] = []
+        for index, stats in sorted(self.live.items()):
+            entry: dict[str, object] = {
+                "index": index,
+                "engine_tokens": stats.tokens_generated + stats.tokens_scored,
+                "tokens_out": self.yielded.get(index, 0),
+            }
+            entry.update({k: stats.extra[k] for k in PROGRESS_KEYS if k in stats.extra})
+            if stats.extra.get("proposals") and "acceptance_rate" not in stats.extra:
+                entry["acceptance_rate"] = stats.extra.get("accepted_proposals", 0.0) / stats.extra["proposals"]
+            choices.append(entry)
+        return {"elapsed_s": round(time.perf_counter() - self.started, 3), "choices": choices}
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -134,17 +171,21 @@ class Runner:
     async def _run_choice(self, index: int, request: DecodeRequest) -> ChoiceResult:
         engine = self.state.engine
         stats = EngineStats()
+        self.live[index] = stats
         if request.max_tokens == 0:  # echo with max_tokens 0: only the prompt is scored (serving/echo.py)
             return ChoiceResult(index, len(request.prompt_ids), [], [], "", "length", stats)
         incremental = self.on_delta is not None or bool(self.plan.stop)
         detok = Detokenizer(self.state.tokenizer, self.plan.stop, self.state.special_ids, incremental)
         steps = []
+        spent_at: list[int] = []  # engine tokens spent when each step came out
         agen = self.plan.decoder.decode(request, stats)
         try:
             async for step in agen:
                 if self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
                 steps.append(step)
+                spent_at.append(stats.tokens_generated + stats.tokens_scored)
+                self.yielded[index] = len(steps)
                 text = detok.add(step.token_id)
                 if text:
                     self._emit(Delta(index, text, [step.token_id]))
@@ -152,6 +193,8 @@ class Runner:
                     break
         finally:
             await agen.aclose()  # type: ignore[attr-defined]
+        spent = stats.tokens_generated + stats.tokens_scored
+        streamed = sum(1 for x in spent_at if x < spent)
         ids = [s.token_id for s in steps]
         reason: FinishReason = "stop" if detok.stopped else engine.finish_reason(ids, request.max_tokens)
         self._emit(Delta(index, detok.finish(), [], reason))
@@ -164,7 +207,7 @@ class Runner:
         top = None
         if self.plan.logprobs and ids:
             top = await engine.top_logprobs(request.prompt_ids, ids, self.plan.logprobs, stats)
-        return ChoiceResult(index, len(request.prompt_ids), ids, logp, detok.text, reason, stats, top)
+        return ChoiceResult(index, len(request.prompt_ids), ids, logp, detok.text, reason, stats, top, streamed)
 
     def _emit(self, delta: Delta) -> None:
         if self.on_delta is not None and (delta.text or delta.finish_reason):
@@ -206,9 +249,9 @@ class Runner:
         labels = self.labels
         info = outcome.info
         metrics.REQUESTS.labels(*labels, "success").inc()
-        metrics.LATENCY.labels(*labels).observe(info.wall_time_s)
+        metrics.observe("latency", labels, info.wall_time_s)
         if self.first_token_at is not None:
-            metrics.TTFT.labels(*labels).observe(self.first_token_at - self.started)
+            metrics.observe("ttft", labels, self.first_token_at - self.started)
         metrics.OUTPUT_TOKENS.labels(*labels).inc(outcome.completion_tokens)
         metrics.PROMPT_TOKENS.labels(*labels).inc(outcome.prompt_tokens)
         metrics.ENGINE_TOKENS_GENERATED.labels(*labels).inc(info.tokens_generated)
@@ -219,7 +262,9 @@ class Runner:
         metrics.SELF_REWARD_NEG_LOGPROB.labels(*labels).inc(max(0.0, -info.self_reward.sum_logprob))
         for choice in outcome.choices:
             if choice.logp:
-                metrics.SELF_REWARD.labels(*labels).observe(math.fsum(choice.logp) / len(choice.logp))
+                metrics.observe("self_reward", labels, math.fsum(choice.logp) / len(choice.logp))
+            if choice.token_ids:
+                metrics.observe("streamed_fraction", labels, choice.streamed / len(choice.token_ids))
             extra = choice.stats.extra
             if "tokens_proposed" in extra:
                 metrics.TOKENS_PROPOSED.labels(*labels).inc(extra["tokens_proposed"])

@@ -2,9 +2,20 @@
 
 A stream sends text as soon as a choice makes it final, holds the finish chunks until the
 request's cost is known (so the last one can carry the ``powerserve`` object), sends a usage
-chunk when asked, and always ends with ``data: [DONE]``. While a decoder that cannot stream
-(``power_mcmc``) is still running, SSE comments keep the connection alive. An error inside a
-stream becomes an OpenAI-shaped error event, then ``[DONE]``.
+chunk when asked, and always ends with ``data: [DONE]``. An error inside a stream becomes an
+OpenAI-shaped error event, then ``[DONE]``.
+
+Progress: while a decoder that does not stream every token (``power_mcmc``, ``power_smc``)
+runs, an SSE comment line ``: powerserve.progress {json}`` is sent every ``progress_s``
+seconds (``--progress-interval-s``, default 1), with :meth:`Runner.progress`'s object, e.g.
+
+    : powerserve.progress {"elapsed_s": 3.2, "choices": [{"index": 0, "engine_tokens": 812,
+      "tokens_out": 0, "blocks_done": 2, "blocks_total": 4, "mh_steps_done": 18, ...}]}
+
+(one line). SSE clients, the OpenAI SDKs included, skip comment lines, so the stream parses as
+before; ``curl -N`` and any raw SSE reader see them. They also keep proxies from closing an
+idle connection. For decoders that stream every token, ``: keep-alive`` comments are sent
+after ``KEEPALIVE_S`` seconds without output, as before.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from powerserve.serving.runner import Delta, Outcome, Runner
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 5.0
+PROGRESS_PREFIX = ": powerserve.progress "
 DISCONNECT_POLL_S = 0.2
 T = TypeVar("T")
 
@@ -49,13 +61,20 @@ async def stream_events(
     task = asyncio.create_task(runner.run())
     task.add_done_callback(lambda _: queue.put_nowait(None))
     finishes: list[Delta] = []
+    progress = not runner.plan.decoder.streams_tokens
+    interval = runner.state.settings.progress_interval_s if progress else KEEPALIVE_S
+    loop = asyncio.get_running_loop()
+    beat = loop.time() + interval
     try:
         while True:
             try:
-                item = await asyncio.wait_for(queue.get(), timeout=KEEPALIVE_S)
+                item = await asyncio.wait_for(queue.get(), timeout=max(0.0, beat - loop.time()))
             except TimeoutError:
-                yield ": keep-alive\n\n"
+                yield f"{PROGRESS_PREFIX}{_json(runner.progress())}\n\n" if progress else ": keep-alive\n\n"
+                beat = loop.time() + interval
                 continue
+            if not progress:
+                beat = loop.time() + interval  # keep-alive only after a silence
             if item is None:
                 break
             if item.finish_reason is not None:
