@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,36 +22,43 @@ from powerserve.serving.state import ServerState
 from powerserve.serving.streaming import cancel_on_disconnect, stream_events
 
 
-def _runner(state: ServerState, body: CompletionRequest) -> Runner:
+async def _runner(state: ServerState, body: CompletionRequest) -> Runner:
     if body.stream and body.logprobs is not None:
         raise BadRequestError("logprobs are not supported with stream=true", param="logprobs")
-    prompts = tokenize_prompts(state, body.prompt)
+    # Tokenizing a long prompt takes a good part of a second; the tokenizer releases the GIL,
+    # so in a worker thread it leaves the event loop (and every other client) free.
+    prompts = await asyncio.to_thread(tokenize_prompts, state, body.prompt)
     plan = build_plan(state, body, prompts, body.max_tokens, body.logprobs)
     state.admission.precheck(plan.weight, (plan.decoder.name, state.model_name))
     return Runner(state, plan)
 
 
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> CompletionResponse:
-    runner = _runner(state, body)
+    runner = await _runner(state, body)
     outcome = await cancel_on_disconnect(request, runner.run())
+    logprobs = None
+    if body.logprobs is not None:  # a detokenising pass per token and top token: off the loop
+        logprobs = await asyncio.to_thread(lambda: [_logprobs(state, c) for c in outcome.choices])
     return CompletionResponse(
         model=body.model,
         choices=[
             CompletionChoice(
                 index=c.index,
                 text=c.text,
-                logprobs=_logprobs(state, c) if body.logprobs is not None else None,
+                logprobs=logprobs[i] if logprobs is not None else None,
                 finish_reason=c.finish_reason,
             )
-            for c in outcome.choices
+            for i, c in enumerate(outcome.choices)
         ],
         usage=outcome.usage(),
         powerserve=outcome.info,
     )
 
 
-def stream_completion(state: ServerState, body: CompletionRequest) -> AsyncIterator[str]:
-    runner = _runner(state, body)  # validation errors surface before the stream starts
+async def stream_completion(state: ServerState, body: CompletionRequest) -> AsyncIterator[str]:
+    """The SSE lines of a streamed completion; awaiting this validates the request first, so
+    that its errors surface as an HTTP status before the stream starts."""
+    runner = await _runner(state, body)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(choices: list[CompletionChoice], **extra: object) -> CompletionResponse:

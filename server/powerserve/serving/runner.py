@@ -26,6 +26,9 @@ from powerserve.text import Detokenizer
 
 SHUTDOWN = "powerserve-shutdown"  # the cancel message a draining server sends to running requests
 
+# Tokens detokenised (and scanned for stop strings) between two yields to the event loop.
+YIELD_EVERY_TOKENS = 32
+
 
 @dataclass(slots=True)
 class Delta:
@@ -143,6 +146,10 @@ class Runner:
                 if self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
                 steps.append(step)
+                if len(steps) % YIELD_EVERY_TOKENS == 0:
+                    # A decoder that yields its whole answer at once (power_mcmc) would otherwise
+                    # hold the event loop for the detokenising and stop scan of all of it.
+                    await asyncio.sleep(0)
                 text = detok.add(step.token_id)
                 if text:
                     self._emit(Delta(index, text, [step.token_id]))
