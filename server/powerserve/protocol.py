@@ -193,12 +193,13 @@ class _SamplingRequest(BaseModel):
 
 
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # the model's vocabulary bounds it further
 
 PromptField = Annotated[
     Text
     | Annotated[list[Text], Field(max_length=MAX_PROMPTS)]
-    | Annotated[list[int], Field(max_length=MAX_PROMPT_IDS)]
-    | Annotated[list[Annotated[list[int], Field(max_length=MAX_PROMPT_IDS)]], Field(max_length=MAX_PROMPTS)],
+    | Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]
+    | Annotated[list[Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]], Field(max_length=MAX_PROMPTS)],
     at_most(MAX_PROMPT_IDS),
     Field(..., description="a string, a list of strings, a list of token ids, or a list of such lists"),
 ]
