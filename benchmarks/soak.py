@@ -17,7 +17,11 @@ Targets, checked at the end (exit status 1 when one is missed):
 3. nothing left behind: once the clients are gone the server's running and queued gauges and
    its running weight return to 0, and it still answers;
 4. resident memory (VmRSS of the server and its children) grows less than 10% from the end
-   of the warm-up to the end of the run.
+   of the warm-up to the end of the run. The warm-up lasts ``--warmup`` seconds and then goes
+   on in 5-s chunks until memory grew less than 2% over the last chunk (at most
+   ``--plateau-wait`` more seconds): the server's memory climbs for the first few hundred
+   requests (allocator arenas, torch's and the tokenizer's caches) and then stays flat, so
+   growth is measured from the plateau (the 10-minute curve is in docs/reliability.md).
 
 The run is bounded in time (``--duration``, ``--warmup``) and count (``--max-requests``), and
 only loopback servers are accepted.
@@ -51,6 +55,8 @@ MAX_DURATION_S = 3600.0
 MAX_REQUESTS = 100_000
 MAX_CONCURRENCY = 64
 MEMORY_GROWTH_LIMIT = 0.10
+PLATEAU_CHUNK_S = 5.0
+PLATEAU_TOLERANCE = 0.02  # growth over one chunk below which memory counts as settled
 SETTLE_S = 15.0  # how long the server may take to wind down the dropped requests' work
 
 # Cheap settings for the decoders this script knows; a parameter the server does not list for
@@ -193,15 +199,21 @@ class SoakSpec:
     api_key: str | None = None
     pid: int | None = None  # the server's process, for its resident memory
     request_timeout_s: float = 300.0
+    plateau_wait_s: float = 120.0  # longest extension of the warm-up while memory still grows
+    rss_every_s: float = 5.0  # seconds between two memory samples
 
     def __post_init__(self) -> None:
         check_loopback(self.base_url)
+        if not 0 <= self.plateau_wait_s <= MAX_DURATION_S:
+            raise ValueError(f"plateau_wait must be in [0, {MAX_DURATION_S:g}] s")
         if not 0 < self.duration_s <= MAX_DURATION_S or not 0 <= self.warmup_s <= MAX_DURATION_S:
             raise ValueError(f"duration and warm-up must be at most {MAX_DURATION_S:g} s")
         if not 1 <= self.concurrency <= MAX_CONCURRENCY:
             raise ValueError(f"concurrency must be in 1..{MAX_CONCURRENCY}")
         if not 1 <= self.max_requests <= MAX_REQUESTS:
             raise ValueError(f"max_requests must be in 1..{MAX_REQUESTS}")
+        if not 0.1 <= self.rss_every_s <= 60:
+            raise ValueError("rss_every must be in [0.1, 60] s")
         if not 0 <= self.abandon < 1 or self.max_tokens < 1 or self.request_timeout_s <= 0:
             raise ValueError("abandon must be in [0, 1); max_tokens and request_timeout positive")
 
@@ -418,6 +430,7 @@ class SoakReport:
     still_answers: bool
     rss_start_kib: int | None
     rss_end_kib: int | None
+    warmup_rss_kib: list[int] = field(default_factory=list)  # at the end of each warm-up chunk
 
     @property
     def memory_growth(self) -> float | None:
@@ -466,6 +479,7 @@ class SoakReport:
             "rss_end_kib": self.rss_end_kib,
             "memory_growth": self.memory_growth,
             "rss_samples_mib": [round(k / 1024) for k in t.rss_samples_kib],
+            "warmup_rss_mib": [round(k / 1024) for k in self.warmup_rss_kib],
             "targets": self.targets(),
             "passed": self.passed,
         }
@@ -487,6 +501,12 @@ class SoakReport:
                 f"{(self.rss_end_kib or 0) / 1024:.0f} MiB at the end"
                 + (f" ({100 * growth:+.1f}%)" if growth is not None else "")
             )
+        if self.warmup_rss_kib:
+            lines.append(
+                "memory at the end of the warm-up and of each plateau chunk (MiB): " + _mib(self.warmup_rss_kib)
+            )
+        if self.tally.rss_samples_kib:
+            lines.append("memory while measured (MiB): " + _mib(self.tally.rss_samples_kib))
         lines += [f"{'PASS' if ok else 'FAIL'}  {name}" for name, ok in self.targets().items()]
         if d["first_problem"]:
             lines.append(f"first problem: {d['first_problem']}")
@@ -502,12 +522,15 @@ async def soak(spec: SoakSpec) -> SoakReport:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         decoders = decoder_bodies((await client.get("/v1/decoders")).json())
         rng = random.Random(spec.seed)
+        warmup_rss: list[int] = []
         if spec.warmup_s > 0:
             await drive(client, spec, model, decoders, spec.warmup_s, Tally(), rng)
+            if spec.pid:
+                warmup_rss = await warm_to_plateau(client, spec, model, decoders, rng)
             await settle(client)
         rss_start = tree_rss_kib(spec.pid) if spec.pid else None
         tally = Tally()
-        sampler = asyncio.create_task(sample_memory(spec.pid, tally.rss_samples_kib))
+        sampler = asyncio.create_task(sample_memory(spec.pid, tally.rss_samples_kib, spec.rss_every_s))
         try:
             elapsed = await drive(client, spec, model, decoders, spec.duration_s, tally, rng)
         finally:
@@ -521,7 +544,24 @@ async def soak(spec: SoakSpec) -> SoakReport:
             tally.problem(f"server gone after the run: {type(exc).__name__}", tally.lost, repr(exc))
             leftover, still_answers = {"unreachable": 1.0}, False
         rss_end = tree_rss_kib(spec.pid) if spec.pid else None
-    return SoakReport(model, decoders, elapsed, tally, leftover, still_answers, rss_start, rss_end)
+    return SoakReport(model, decoders, elapsed, tally, leftover, still_answers, rss_start, rss_end, warmup_rss)
+
+
+async def warm_to_plateau(
+    client: httpx.AsyncClient, spec: SoakSpec, model: str, decoders: dict[str, Any], rng: random.Random
+) -> list[int]:
+    """Go on with the mix in chunks of PLATEAU_CHUNK_S until the server's resident memory grew
+    less than PLATEAU_TOLERANCE over the last chunk, or for at most ``spec.plateau_wait_s``;
+    return the memory at the end of the warm-up and of each chunk (KiB)."""
+    assert spec.pid is not None
+    samples = [tree_rss_kib(spec.pid)]
+    deadline = time.monotonic() + spec.plateau_wait_s
+    while time.monotonic() < deadline:
+        await drive(client, spec, model, decoders, PLATEAU_CHUNK_S, Tally(), rng)
+        samples.append(tree_rss_kib(spec.pid))
+        if samples[-1] <= samples[-2] * (1 + PLATEAU_TOLERANCE):
+            break
+    return samples
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -529,6 +569,10 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
     return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def _mib(samples_kib: list[int]) -> str:
+    return " ".join(str(round(k / 1024)) for k in samples_kib)
 
 
 def _fmt(v: float | None) -> str:
@@ -545,6 +589,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pid", type=int, help="without --start: the server's process id, for its memory")
     p.add_argument("--duration", type=float, default=60.0, help=f"seconds measured, at most {MAX_DURATION_S:g}")
     p.add_argument("--warmup", type=float, default=10.0, help="seconds of the same mix before measuring")
+    p.add_argument(
+        "--plateau-wait", type=float, default=120.0, help="longest extension of the warm-up while memory still grows"
+    )
+    p.add_argument("--rss-every", type=float, default=5.0, help="seconds between two memory samples")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--max-requests", type=int, default=10_000)
     p.add_argument("--max-tokens", type=int, default=16, help="each request asks for 1..this many tokens")
@@ -579,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=ns.seed,
             api_key=ns.api_key,
             pid=pid,
+            plateau_wait_s=ns.plateau_wait,
+            rss_every_s=ns.rss_every,
         )
         report = asyncio.run(soak(spec))
     finally:

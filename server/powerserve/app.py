@@ -31,6 +31,8 @@ from powerserve.protocol import (
     DecoderList,
     ModelCard,
     ModelList,
+    error_param,
+    most_specific_error,
 )
 from powerserve.serving.chat import create_chat_completion, stream_chat_completion
 from powerserve.serving.completions import create_completion, stream_completion
@@ -161,7 +163,7 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
     async def completions(body: CompletionRequest, request: Request, state: State) -> Any:
         if body.stream:
             return StreamingResponse(
-                stream_completion(state, body), media_type="text/event-stream", headers=SSE_HEADERS
+                await stream_completion(state, body), media_type="text/event-stream", headers=SSE_HEADERS
             )
         return await create_completion(state, body, request)
 
@@ -169,7 +171,7 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request, state: State) -> Any:
         if body.stream:
             return StreamingResponse(
-                stream_chat_completion(state, body), media_type="text/event-stream", headers=SSE_HEADERS
+                await stream_chat_completion(state, body), media_type="text/event-stream", headers=SSE_HEADERS
             )
         return await create_chat_completion(state, body, request)
 
@@ -181,10 +183,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
+        first = most_specific_error(exc.errors())
+        param = error_param(first.get("loc", ()))
         if first.get("type") == "json_invalid":
             message, param = "The request body is not valid JSON.", None
         else:

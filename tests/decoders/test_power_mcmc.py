@@ -205,7 +205,7 @@ async def test_cancelling_stops_the_chain() -> None:
     engine = SlowEngine(random_table(eos_logit=-30.0), EOS)
     decoder = PowerMcmcDecoder(engine)
     stats = EngineStats()
-    task = asyncio.create_task(decode(decoder, request(40, 0, block_size=40, mcmc_steps=10_000), stats))
+    task = asyncio.create_task(decode(decoder, request(40, 0, block_size=1, mcmc_steps=64), stats))
     await engine.busy.wait()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

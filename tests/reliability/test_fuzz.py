@@ -2,6 +2,12 @@
 bodies that follow the schema and bodies that break it (negative mode), for every operation the
 schema lists.
 
+A fifth of the cases are extreme values: a valid body with one integer or number field (of the
+request, from the schema, or of a decoder, from ``/v1/decoders``) set to a value drawn from 0,
+-1, 2^31, 2^63, 1e12, +-1e308, NaN, +-Infinity, any integer of up to 80 bits or any float, far
+beyond the schema's bounds too. These must be answered within 5 s (a 4xx naming the field, or a
+correct answer).
+
 Checked for every generated case: no 5xx (a 504 only for a client's own ``timeout``); every error
 is OpenAI-shaped JSON; a JSON 200 matches the schema; a stream ends with ``[DONE]`` and every
 event before it is JSON. Afterwards the server still answers and nothing is left running.
@@ -16,7 +22,9 @@ server with the same caps, e.g. ``--max-tokens-limit 8 --max-n 2``).
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +42,12 @@ from powerserve_client.loadgen import check_loopback
 from tests.reliability.conftest import live, metric
 
 MAX_EXAMPLES = int(os.environ.get("POWERSERVE_FUZZ_EXAMPLES", "100"))
+EXTREME_LIMIT_S = 5.0
+EXTREMES: st.SearchStrategy[Any] = st.one_of(
+    st.sampled_from([0, -1, 2**31, 2**63, 10**12, 1e12, 1e308, -1e308, math.nan, math.inf, -math.inf]),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
 FUZZ_SETTINGS: dict[str, Any] = {
     "max_n": 2,
     "default_max_tokens": 4,
@@ -60,6 +74,9 @@ class Fuzzer:
         self.model = httpx.get(f"{base_url}/v1/models").json()["data"][0]["id"]
         self.decoders = list(decoder_bodies(httpx.get(f"{base_url}/v1/decoders").json()).values())
         self.seen: Counter[str] = Counter()  # "METHOD path status" -> cases
+        self.numeric = numeric_fields(
+            httpx.get(f"{base_url}/openapi.json").json(), httpx.get(f"{base_url}/v1/decoders").json()
+        )
 
     def cases(self, operation: Any) -> st.SearchStrategy[Any]:
         positive = operation.as_strategy(GenerationMode.POSITIVE)
@@ -70,7 +87,23 @@ class Fuzzer:
             positive.map(self.with_model),
             st.tuples(positive, st.sampled_from(self.decoders)).map(lambda pair: self.with_model(*pair)),
             operation.as_strategy(GenerationMode.NEGATIVE),
+            st.tuples(positive.map(self.with_model), st.sampled_from(self.numeric), EXTREMES).map(
+                lambda t: self.with_extreme(*t)
+            ),
         )
+
+    def with_extreme(self, case: Any, field: tuple[str, str | None], value: Any) -> Any:
+        """``case`` with one numeric field (``(name, None)``) or decoder parameter
+        (``(parameter, decoder)``) set to ``value``; marked so that :meth:`check` times it."""
+        if isinstance(case.body, dict):
+            name, decoder = field
+            if decoder is None:
+                case.body[name] = value
+            else:
+                case.body["decoder"] = {"name": decoder, name: value}
+            case.body["max_tokens"] = 2
+            case.headers = {**(case.headers or {}), "x-fuzz-extreme": f"{decoder or 'request'}.{name}"}
+        return case
 
     def with_model(self, case: Any, decoder: Any = None) -> Any:
         if isinstance(case.body, dict):
@@ -80,6 +113,9 @@ class Fuzzer:
         return case
 
     def check(self, case: Any) -> None:
+        if (case.headers or {}).get("x-fuzz-extreme"):
+            self.check_extreme(case)
+            return
         response = case.call(base_url=self.base_url, timeout=120)
         label = f"{case.method} {case.path} {response.status_code}"
         self.seen[label] += 1
@@ -100,6 +136,55 @@ class Fuzzer:
                 json.loads(event)
         elif "application/json" in content_type:
             case.validate_response(response, checks=[response_schema_conformance])
+
+    def check_extreme(self, case: Any) -> None:
+        """Send an extreme-value case as Python's json writes it (NaN and Infinity included,
+        which the schemathesis transport refuses to encode); it must be answered within 5 s."""
+        t0 = time.perf_counter()
+        response = httpx.post(
+            f"{self.base_url}{case.path}",
+            content=json.dumps(case.body),
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
+        elapsed = time.perf_counter() - t0
+        label = f"{case.method} {case.path} {response.status_code}"
+        self.seen[label] += 1
+        self.seen[f"extreme {response.status_code}"] += 1
+        assert elapsed < EXTREME_LIMIT_S, f"{label}: {elapsed:.1f} s for {case.headers['x-fuzz-extreme']}"
+        if response.status_code >= 500:
+            assert response.status_code == 504 and "timeout" in case.body, f"{label}: {response.text[:500]}"
+        if response.status_code >= 400:
+            err = response.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"}, f"{label}: {response.text[:500]}"
+        elif "text/event-stream" in response.headers.get("content-type", ""):
+            assert response.text.rstrip().endswith("data: [DONE]"), f"{label}: {response.text[-500:]}"
+        else:
+            choices = response.json()["choices"]
+            assert choices and all(c["finish_reason"] in ("stop", "length") for c in choices), response.text[:500]
+
+
+def numeric_fields(spec: dict[str, Any], decoders: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """(field, None) for every integer/number field of the completion request models and
+    (parameter, decoder) for every numeric parameter of every available decoder."""
+    defs = spec["components"]["schemas"]
+
+    def numeric(schema: dict[str, Any]) -> bool:
+        members = [schema, *schema.get("anyOf", [])]
+        return any(m.get("type") in ("integer", "number") for m in members)
+
+    out: list[tuple[str, str | None]] = sorted(
+        {
+            (f, None)
+            for m in ("CompletionRequest", "ChatCompletionRequest")
+            for f, sch in defs[m]["properties"].items()
+            if numeric(sch)
+        }
+    )
+    for card in decoders["data"]:
+        if card["available"]:
+            out += [(p, card["name"]) for p, sch in card["parameters"].get("properties", {}).items() if numeric(sch)]
+    return out
 
 
 def test_fuzz_the_openapi_schema(base_url: str) -> None:
@@ -129,6 +214,7 @@ def test_fuzz_the_openapi_schema(base_url: str) -> None:
     seen = fuzzer.seen
     print(f"{sum(seen.values())} cases: " + ", ".join(f"{k} x{v}" for k, v in sorted(seen.items())))
     assert sum(seen.values()) >= 100, seen
+    assert sum(v for k, v in seen.items() if k.startswith("extreme 4")) >= 10, seen
     # Both kinds of input reached the generation endpoints: accepted and refused.
     for path in ("/v1/completions", "/v1/chat/completions"):
         assert seen[f"POST {path} 200"] > 0, seen

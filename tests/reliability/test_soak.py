@@ -1,8 +1,12 @@
 """The soak script, short: a ``powerserve serve`` subprocess on the tiny checkpoint (torch engine)
-takes every decoder it lists at concurrency 6 for 30 s after a 20 s warm-up, with a fifth of the
+takes every decoder it lists at concurrency 6 for 30 s after a warm-up, with a fifth of the
 requests dropped by their clients mid-way. Targets (as ``benchmarks/soak.py`` checks them): no
 5xx, no lost response, no work left behind, resident memory growth under 10% after warm-up.
-The full-length run and its figures are in docs/reliability.md."""
+
+The warm-up is 20 s and then goes on (at most 60 s more) until memory grew less than 2% over
+5 s: the 10-minute run in docs/reliability.md climbs from 461 to about 770 MiB over the first
+30-40 s of load and then stays flat or falls for 10 minutes (4,311 answers), so a fixed 20-s
+warm-up sometimes ended on the climb (the +11.7% failure, 587 -> 656 MiB, was such a run)."""
 
 from __future__ import annotations
 
@@ -18,14 +22,16 @@ from tests.reliability.conftest import metric
 
 def test_short_soak_meets_the_targets(server_factory: Any) -> None:
     srv = server_factory()
-    spec = SoakSpec(base_url=srv.base, duration_s=30, warmup_s=20, concurrency=6, abandon=0.2, pid=srv.pid)
+    spec = SoakSpec(
+        base_url=srv.base, duration_s=30, warmup_s=20, plateau_wait_s=60, concurrency=6, abandon=0.2, pid=srv.pid
+    )
     report = asyncio.run(soak(spec))
     print(report.table())
     d = report.as_dict()
     assert not d["server_errors"], d["first_problem"]
     assert not d["lost"], d["first_problem"]
     assert d["leftover_after_settle"] == {k: 0.0 for k in d["leftover_after_settle"]} and d["still_answers"]
-    assert d["memory_growth"] is not None and d["memory_growth"] < 0.10, d["rss_samples_mib"]
+    assert d["memory_growth"] is not None and d["memory_growth"] < 0.10, (d["warmup_rss_mib"], d["rss_samples_mib"])
     assert report.passed
     # The mix reached every decoder the server lists, and clients did walk away mid-request
     # (the server counted the work it stopped for them as cancelled).
@@ -51,6 +57,8 @@ def test_soak_is_bounded() -> None:
         {"concurrency": 1000},
         {"max_requests": 0},
         {"abandon": 1.0},
+        {"plateau_wait_s": -1},
+        {"rss_every_s": 0},
     ]
     for bad in bad_values:
         with pytest.raises(ValueError):

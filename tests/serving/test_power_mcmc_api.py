@@ -69,7 +69,7 @@ def test_engine_token_ceiling(engine: TorchEngine) -> None:
                 "model": MODEL,
                 "prompt": "x",
                 "max_tokens": 64,
-                "decoder": {"name": "power_mcmc", "block_size": 8, "mcmc_steps": 100},
+                "decoder": {"name": "power_mcmc", "block_size": 8, "mcmc_steps": 64},
             },
         )
         err = assert_openai_error(resp, 400, "max_tokens")
@@ -115,13 +115,13 @@ async def test_cancelling_a_chain_stops_it_within_a_second(engine: TorchEngine) 
         prompt="long",
         max_tokens=64,
         stream=True,
-        decoder={"name": "power_mcmc", "block_size": 16, "mcmc_steps": 500},
+        decoder={"name": "power_mcmc", "block_size": 1, "mcmc_steps": 64},
     )  # type: ignore[arg-type]
     labels = {"decoder": "power_mcmc", "model": MODEL, "outcome": "cancelled"}
     before = REGISTRY.get_sample_value("powerserve_requests_total", labels) or 0.0
 
     async def consume() -> None:
-        async for _ in stream_completion(state, body):
+        async for _ in await stream_completion(state, body):
             pass
 
     task = asyncio.create_task(consume())

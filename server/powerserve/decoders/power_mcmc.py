@@ -33,9 +33,11 @@ _SEED_BOUND = 2**31
 
 class PowerMcmcParams(DecoderParams):
     alpha: float = Field(4.0, ge=1.0, le=100.0, description="power exponent: the target is p(x)^alpha")
-    block_size: int = Field(192, ge=1, description="tokens added to the chain per block before its MCMC steps run")
+    block_size: int = Field(
+        192, ge=1, le=4096, description="tokens added to the chain per block before its MCMC steps run"
+    )
     mcmc_steps: int = Field(
-        10, ge=0, description="Metropolis-Hastings steps after each block (0: plain temperature 1/alpha)"
+        10, ge=0, le=64, description="Metropolis-Hastings steps after each block (0: plain temperature 1/alpha)"
     )
     parallel_proposals: int = Field(
         1,
@@ -83,10 +85,23 @@ def max_proposals(steps: int, parallel: int) -> int:
     """Most proposals one block's ``steps`` MH steps can start with ``parallel`` in flight.
 
     Every step's proposal is tested once; an acceptance at step s discards the proposals in
-    flight behind it, at most min(parallel - 1, steps - 1 - s) of them:
-        steps + sum_{s < steps} min(parallel - 1, steps - 1 - s).
+    flight behind it, at most min(parallel - 1, steps - 1 - s) of them. With S = steps,
+    c = parallel - 1 and j = S - 1 - s the sum has a closed form (constant time, whatever S):
+        S + sum_{j < S} min(c, j) = S + S(S-1)/2                 if S - 1 <= c
+                                  = S + c(c+1)/2 + c(S-1-c)      otherwise.
     """
-    return steps + sum(min(parallel - 1, steps - 1 - s) for s in range(steps))
+    c = parallel - 1
+    if steps - 1 <= c:
+        return steps + steps * (steps - 1) // 2
+    return steps + c * (c + 1) // 2 + c * (steps - 1 - c)
+
+
+def sum_block_limits(max_tokens: int, block_size: int) -> int:
+    """sum(block_limits(max_tokens, block_size)) in closed form: with T = max_tokens, B =
+    block_size, m = floor(T/B) full blocks and K = ceil(T/B) blocks,
+        sum_{k=1..K} min(kB, T) = B m(m+1)/2 + (K - m) T."""
+    m, blocks = max_tokens // block_size, -(-max_tokens // block_size)
+    return block_size * m * (m + 1) // 2 + (blocks - m) * max_tokens
 
 
 @dataclass(slots=True)
@@ -165,7 +180,7 @@ class PowerMcmcDecoder(Decoder):
         """
         assert isinstance(params, PowerMcmcParams)
         proposals = max_proposals(params.mcmc_steps, params.parallel_proposals)
-        generated = max_tokens + proposals * sum(block_limits(max_tokens, params.block_size))
+        generated = max_tokens + proposals * sum_block_limits(max_tokens, params.block_size)
         return 2.0 * generated
 
     async def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:

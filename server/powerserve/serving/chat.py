@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,11 +38,14 @@ def _prompt_ids(state: ServerState, body: ChatCompletionRequest) -> tuple[int, .
     return tuple(encode_text(state, text, "messages", add_special_tokens=False))
 
 
-def _runner(state: ServerState, body: ChatCompletionRequest) -> Runner:
+async def _runner(state: ServerState, body: ChatCompletionRequest) -> Runner:
     if body.top_logprobs and not body.logprobs:
         raise BadRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
     k = (body.top_logprobs or 0) if body.logprobs else None
-    plan = build_plan(state, body, [_prompt_ids(state, body)], body.requested_max_tokens(), k)
+    # Templating and tokenizing a long conversation takes a good part of a second; the
+    # tokenizer releases the GIL, so in a worker thread it leaves the event loop free.
+    prompt = await asyncio.to_thread(_prompt_ids, state, body)
+    plan = build_plan(state, body, [prompt], body.requested_max_tokens(), k)
     state.admission.precheck(plan.weight, (plan.decoder.name, state.model_name))
     held = body.stream and body.logprobs  # text waits for its log-probabilities (serving/logprob_stream.py)
     return (HeldRunner if held else Runner)(state, plan)
@@ -50,26 +54,31 @@ def _runner(state: ServerState, body: ChatCompletionRequest) -> Runner:
 async def create_chat_completion(
     state: ServerState, body: ChatCompletionRequest, request: Request
 ) -> ChatCompletionResponse:
-    runner = _runner(state, body)
+    runner = await _runner(state, body)
     outcome = await cancel_on_disconnect(request, runner.run())
+    logprobs = None
+    if body.logprobs:  # a detokenising pass per token and top token: off the loop
+        logprobs = await asyncio.to_thread(lambda: [_logprobs(state, c) for c in outcome.choices])
     return ChatCompletionResponse(
         model=body.model,
         choices=[
             ChatChoice(
                 index=c.index,
                 message=AssistantMessage(content=c.text),
-                logprobs=_logprobs(state, c) if body.logprobs else None,
+                logprobs=logprobs[i] if logprobs is not None else None,
                 finish_reason=c.finish_reason,
             )
-            for c in outcome.choices
+            for i, c in enumerate(outcome.choices)
         ],
         usage=outcome.usage(),
         powerserve=outcome.info,
     )
 
 
-def stream_chat_completion(state: ServerState, body: ChatCompletionRequest) -> AsyncIterator[str]:
-    runner = _runner(state, body)
+async def stream_chat_completion(state: ServerState, body: ChatCompletionRequest) -> AsyncIterator[str]:
+    """The SSE lines of a streamed chat completion; awaiting this validates the request first,
+    so that its errors surface as an HTTP status before the stream starts."""
+    runner = await _runner(state, body)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     started: set[int] = set()
 

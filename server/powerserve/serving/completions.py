@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,10 +24,14 @@ from powerserve.serving.state import ServerState
 from powerserve.serving.streaming import cancel_on_disconnect, stream_events
 
 
-def _runner(state: ServerState, body: CompletionRequest) -> Runner:
+async def _runner(state: ServerState, body: CompletionRequest) -> Runner:
     if body.stream and body.echo:
         raise BadRequestError("echo is not supported with stream=true", param="echo")
-    prompts = tokenize_prompts(state, body.prompt)
+    if body.max_tokens == 0 and not body.echo:
+        raise BadRequestError("max_tokens must be at least 1 (0 is allowed only with echo=true)", param="max_tokens")
+    # Tokenizing a long prompt takes a good part of a second; the tokenizer releases the GIL,
+    # so in a worker thread it leaves the event loop (and every other client) free.
+    prompts = await asyncio.to_thread(tokenize_prompts, state, body.prompt)
     plan = build_plan(state, body, prompts, body.max_tokens, body.logprobs)
     state.admission.precheck(plan.weight, (plan.decoder.name, state.model_name))
     held = body.stream and body.logprobs is not None  # text waits for its log-probabilities
@@ -34,7 +39,7 @@ def _runner(state: ServerState, body: CompletionRequest) -> Runner:
 
 
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> CompletionResponse:
-    runner = _runner(state, body)
+    runner = await _runner(state, body)
 
     async def run() -> tuple[Outcome, list[PromptScores] | None]:
         outcome = await runner.run()
@@ -46,9 +51,12 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
 
     outcome, scores = await cancel_on_disconnect(request, run())
     n = runner.plan.n
+    all_logprobs = None
+    if body.logprobs is not None:  # a detokenising pass per token and top token: off the loop
+        all_logprobs = await asyncio.to_thread(lambda: [_logprobs(state, c) for c in outcome.choices])
     choices = []
-    for c in outcome.choices:
-        logprobs = _logprobs(state, c) if body.logprobs is not None else None
+    for i, c in enumerate(outcome.choices):
+        logprobs = all_logprobs[i] if all_logprobs is not None else None
         text = c.text
         if body.echo:
             prompt_text = _prompt_text(state, body, runner.plan.prompts, c.index // n)
@@ -59,8 +67,10 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     return CompletionResponse(model=body.model, choices=choices, usage=outcome.usage(), powerserve=outcome.info)
 
 
-def stream_completion(state: ServerState, body: CompletionRequest) -> AsyncIterator[str]:
-    runner = _runner(state, body)  # validation errors surface before the stream starts
+async def stream_completion(state: ServerState, body: CompletionRequest) -> AsyncIterator[str]:
+    """The SSE lines of a streamed completion; awaiting this validates the request first, so
+    that its errors surface as an HTTP status before the stream starts."""
+    runner = await _runner(state, body)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(choices: list[CompletionChoice], **extra: object) -> CompletionResponse:

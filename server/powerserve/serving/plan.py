@@ -81,12 +81,21 @@ def resolve_decoder(state: ServerState, name: str, raw: dict[str, Any]) -> tuple
     if decoder is None:
         valid = ", ".join(sorted([*state.decoders, *state.unavailable]))
         raise BadRequestError(f"Unknown decoder '{name}'. Valid decoders: {valid}.", param="decoder")
+    valid = ", ".join(decoder.params_model.model_fields) or "(none)"
+    # Unknown names first, by a set difference: validating them would build one error each.
+    unknown = raw.keys() - decoder.params_model.model_fields.keys()
+    if unknown:
+        field = min(unknown)
+        raise BadRequestError(
+            f"Invalid parameter '{field[:64]}' for decoder '{name}': unknown parameter. "
+            f"Parameters of '{name}': {valid}.",
+            param=f"decoder.{field[:64]}",
+        )
     try:
         params = decoder.params_model.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "decoder"
-        valid = ", ".join(decoder.params_model.model_fields) or "(none)"
         raise BadRequestError(
             f"Invalid parameter '{field}' for decoder '{name}': {err['msg']}. Parameters of '{name}': {valid}.",
             param=f"decoder.{field}",

@@ -39,6 +39,9 @@ PROGRESS_KEYS = (
     "tokens_decided",
 )
 
+# Tokens detokenised (and scanned for stop strings) between two yields to the event loop.
+YIELD_EVERY_TOKENS = 32
+
 
 @dataclass(slots=True)
 class Delta:
@@ -186,6 +189,10 @@ class Runner:
                 steps.append(step)
                 spent_at.append(stats.tokens_generated + stats.tokens_scored)
                 self.yielded[index] = len(steps)
+                if len(steps) % YIELD_EVERY_TOKENS == 0:
+                    # A decoder that yields its whole answer at once (power_mcmc) would otherwise
+                    # hold the event loop for the detokenising and stop scan of all of it.
+                    await asyncio.sleep(0)
                 text = detok.add(step.token_id)
                 if text:
                     self._emit(Delta(index, text, [step.token_id]))
