@@ -46,8 +46,8 @@ DECODERS: dict[str, dict[str, Any]] = {
         "rollout_tokens": 2,
     },
 }
-PROMPT_TOKENS = (10, 40, 100, 200, 400)  # the near-max_model_len prompt comes on top: see RequestMix
-LONG_EVERY = 13  # one request in LONG_EVERY has a prompt of max_model_len - LONG_MARGIN tokens
+PROMPT_TOKENS = (10, 30, 60, 120, 250)  # the near-max_model_len prompt comes on top: see RequestMix
+LONG_EVERY = 12  # one request in LONG_EVERY has a prompt of max_model_len - LONG_MARGIN tokens
 LONG_MARGIN = 24
 BASE_TEXT = (
     "The lighthouse keeper climbed the spiral stairs each evening, trimmed the wick, polished the great "
@@ -65,8 +65,10 @@ def token_prompt(tokenizer: Any, n_tokens: int, salt: int) -> list[int]:
 @dataclass(frozen=True, slots=True)
 class RequestMix:
     """Request ``i`` of the mix: decoder ``i mod 5``, prompt length from :data:`PROMPT_TOKENS`
-    (every :data:`LONG_EVERY`-th one ``max_model_len - LONG_MARGIN`` tokens with 4 new tokens),
-    seeded when ``i`` is even; a text prompt for two requests in three, token ids otherwise."""
+    (every :data:`LONG_EVERY`-th one ``max_model_len - LONG_MARGIN`` tokens), seeded when ``i``
+    is even; a text prompt for two requests in three, token ids otherwise. ``max_tokens`` new
+    tokens for ``standard`` and ``temperature``, 4 for the power decoders and the long prompts
+    (their cost grows with both: each of their scoring calls prefills the prompt again)."""
 
     tokenizer: Any
     max_model_len: int
@@ -84,7 +86,7 @@ class RequestMix:
         body: dict[str, Any] = {
             "model": model,
             "prompt": prompt,
-            "max_tokens": 4 if long else self.max_tokens,
+            "max_tokens": 4 if long or name.startswith("power_") else self.max_tokens,
             "decoder": DECODERS[name],
         }
         if i % 2 == 0:
