@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import time
 from types import FrameType
 
@@ -110,4 +112,12 @@ def run(app: FastAPI, *, host: str, port: int, log_level: str, drain_timeout_s: 
     )
     server = DrainingServer(config, app, drain_timeout_s)
     server.run()
-    return ENGINE_DEAD_EXIT_CODE if server.engine_dead else 0
+    if server.engine_dead:
+        # Every request is answered and the engine is gone. Interpreter teardown can block for
+        # ever on a dead vLLM engine's leftovers (seen: the process hung in garbage collection
+        # after uvicorn had finished), so leave without it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(ENGINE_DEAD_EXIT_CODE)
+    return 0
