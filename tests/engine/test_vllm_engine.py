@@ -180,7 +180,7 @@ async def test_sample_returns_logp_and_logq(engine: VllmEngine, hf_model: Any) -
     assert max_diff(sample.logq, pick(tempered(reference, 0.25), sample.token_ids)) < TOL
 
 
-def test_scheduler_args_avoid_chunked_prefill_on_cpu() -> None:
+async def test_scheduler_args_avoid_chunked_prefill_on_cpu() -> None:
     """On CPU no prompt may be split across steps (a split seeded prompt kills vLLM's engine core,
     issue 12), and a whole max_model_len prompt must fit one step; elsewhere vLLM's defaults."""
     assert scheduler_args(True, 1024) == {"enable_chunked_prefill": False, "max_num_batched_tokens": 2048}
