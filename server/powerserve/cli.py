@@ -52,14 +52,13 @@ def serve(ns: argparse.Namespace) -> int:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    run(
+    return run(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         drain_timeout_s=settings.drain_timeout_s,
     )
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,3 +102,9 @@ def test_prometheus_scrapes_the_powerserve_service_and_grafana_reads_prometheus(
     assert url.hostname == "prometheus" and url.hostname in services
     assert any(p.endswith(f":{url.port}") for p in prom_service["ports"])
     assert config["global"]["scrape_interval"] == datasource["datasources"][0]["jsonData"]["timeInterval"]
+
+
+def test_powerserve_is_restarted_after_it_exits() -> None:
+    """powerserve exits with status 3 when its engine dies (issue 12); compose must start it again."""
+    service = load(COMPOSE)["services"]["powerserve"]
+    assert service.get("restart") in {"always", "unless-stopped", "on-failure"}

@@ -128,3 +128,13 @@ def test_autoscaler_scales_the_deployment_on_the_adapted_queue_metric() -> None:
     assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == served
     assert series.group(0) == "powerserve_requests_queued"  # the admission queue
     assert series.group(0) in powerserve_series()
+
+
+def test_a_replica_whose_engine_died_is_restarted() -> None:
+    """powerserve exits with status 3 when its engine dies (issue 12): the pod must restart the
+    container, and the liveness probe must watch /health (503 once the engine fails its check)."""
+    pod = one("Deployment")["spec"]["template"]["spec"]
+    assert pod.get("restartPolicy", "Always") == "Always"
+    probe = container()["livenessProbe"]
+    assert probe["httpGet"]["path"] == "/health"
+    assert probe["periodSeconds"] * probe["failureThreshold"] <= 300, "a hung replica must not live for long"

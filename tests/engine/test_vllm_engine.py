@@ -20,7 +20,7 @@ import pytest_asyncio
 import torch
 
 from powerserve.engine.base import EngineStats, SamplingSpec
-from powerserve.engine.vllm_engine import VllmEngine
+from powerserve.engine.vllm_engine import VllmEngine, scheduler_args
 from powerserve.model_store import EMBEDDED_NAME, ensure_embedded_checkpoint
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
@@ -178,6 +178,35 @@ async def test_sample_returns_logp_and_logq(engine: VllmEngine, hf_model: Any) -
     reference = reference_logits(hf_model, prompt, sample.token_ids)
     assert max_diff(sample.logp, pick(reference, sample.token_ids)) < TOL
     assert max_diff(sample.logq, pick(tempered(reference, 0.25), sample.token_ids)) < TOL
+
+
+async def test_scheduler_args_avoid_chunked_prefill_on_cpu() -> None:
+    """On CPU no prompt may be split across steps (a split seeded prompt kills vLLM's engine core,
+    issue 12), and a whole max_model_len prompt must fit one step; elsewhere vLLM's defaults."""
+    assert scheduler_args(True, 1024) == {"enable_chunked_prefill": False, "max_num_batched_tokens": 2048}
+    assert scheduler_args(True, 8192) == {"enable_chunked_prefill": False, "max_num_batched_tokens": 8192}
+    assert scheduler_args(False, 8192) == {}
+    assert scheduler_args(True, 1024, chunked_prefill=True) == {"enable_chunked_prefill": True}
+
+
+async def test_engine_runs_without_chunked_prefill(engine: VllmEngine) -> None:
+    scheduler = engine.llm.vllm_config.scheduler_config
+    assert scheduler.enable_chunked_prefill is False
+    assert scheduler.max_num_batched_tokens >= MAX_MODEL_LEN
+
+
+async def test_seeded_prompts_over_one_step_budget(engine: VllmEngine) -> None:
+    """24 seeded requests of 200 prompt tokens at once (4,800 tokens, more than one step's 2,048):
+    with chunked prefill vLLM split a seeded prompt and its CPU engine core died (issue 12). All
+    finish, the engine stays healthy, and each answer equals the same request run alone."""
+    base = engine.tokenizer(TEXT * 60)["input_ids"]
+    prompts = [[engine.tokenizer.bos_token_id or 1, i + 10, *base[:198]] for i in range(24)]
+    specs = [SamplingSpec(max_tokens=6, temperature=1.0, seed=100 + i) for i in range(24)]
+    together = await asyncio.gather(*(collect(engine, p, s) for p, s in zip(prompts, specs, strict=True)))
+    await engine.check_health()
+    for i in (0, 11, 23):
+        alone, _ = await collect(engine, prompts[i], specs[i])
+        assert alone == together[i][0]
 
 
 async def test_seed_reproducible(engine: VllmEngine) -> None:

@@ -12,6 +12,13 @@ Both log-probabilities decoders need come out of vLLM without patching it:
 vLLM batches concurrent requests from many asyncio tasks itself; breaking out of, closing or
 cancelling :meth:`VllmEngine.generate` closes vLLM's own request stream, which aborts the
 request in the engine core.
+
+On CPU, chunked prefill is switched off (see :func:`scheduler_args`): vLLM rewinds the random
+generator of a seeded request whose prompt was only partly prefilled in a step, and a CPU
+``torch.Generator`` cannot rewind, which killed the engine core under concurrent seeded load.
+Once the engine core is dead, every call raises :class:`~powerserve.errors.ServiceUnavailableError`
+(503, code ``engine_dead``) and :meth:`VllmEngine.check_health` raises; the server's watchdog
+then exits the process (``powerserve.server``).
 """
 
 from __future__ import annotations
@@ -20,16 +27,44 @@ import contextlib
 import gc
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from powerserve.engine.base import Engine, EngineStats, SamplingSpec, TokenStep
+from powerserve.errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
 # On a CPU "GPU memory" is the share of host memory vLLM reserves for the KV cache; its default
 # (0.92) refuses to start on a machine that also runs anything else.
 CPU_MEMORY_UTILIZATION = 0.3
+
+ENGINE_DEAD_MESSAGE = "The inference engine stopped working; the server is restarting. Retry shortly."
+
+
+def scheduler_args(on_cpu: bool, max_model_len: int, chunked_prefill: bool | None = None) -> dict[str, Any]:
+    """vLLM scheduler settings: chunked prefill off on CPU, vLLM's defaults elsewhere.
+
+    Why: a seeded request whose prompt is only partly prefilled in a step (chunked prefill split
+    it because the step's token budget ran out) has its sampled token discarded, and vLLM then
+    rewinds that request's generator (``gpu_model_runner._bookkeeping_sync``:
+    ``gen.set_offset(gen.get_offset() - 4)``). A CUDA generator can; a CPU one raises
+    ``RuntimeError: CPU Generator does not use offset`` and the engine core dies. Without
+    chunked prefill the scheduler never splits a prompt (one that does not fit the step's budget
+    waits for the next step), so no sampled token is discarded. The budget
+    ``max_num_batched_tokens = max(max_model_len, 2048)`` lets a prompt of ``max_model_len``
+    tokens fit one step -- vLLM's own CPU platform makes the same choice for MLA models.
+
+    ``chunked_prefill`` overrides the choice (``True`` restores vLLM's default on CPU; used only
+    by benchmarks/bench_vllm_scheduler.py to measure what the setting costs).
+    """
+    from vllm.config import SchedulerConfig
+
+    chunked = (not on_cpu) if chunked_prefill is None else chunked_prefill
+    if chunked:
+        return {} if chunked_prefill is None else {"enable_chunked_prefill": True}
+    budget = max(max_model_len, SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": budget}
 
 
 class VllmEngine(Engine):
@@ -60,13 +95,15 @@ class VllmEngine(Engine):
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         seed: int = 0,
+        chunked_prefill: bool | None = None,
     ) -> VllmEngine:
         """Load ``path`` (a checkpoint directory or hub name) into a new vLLM engine.
 
         Blocks the event loop while vLLM starts (tens of seconds; its engine core runs in a
         spawned process, so the calling script needs an ``if __name__ == "__main__"`` guard):
         this runs once, before the server takes requests, and ``AsyncLLM`` must be built
-        inside the event loop that will drive it.
+        inside the event loop that will drive it. ``chunked_prefill``: see :func:`scheduler_args`
+        (``None``, the default, is the safe choice for the platform).
         """
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -81,6 +118,7 @@ class VllmEngine(Engine):
         extra: dict[str, Any] = {}
         if gpu_memory_utilization is not None:
             extra["gpu_memory_utilization"] = gpu_memory_utilization
+        extra.update(scheduler_args(on_cpu, max_model_len, chunked_prefill))
         args = AsyncEngineArgs(
             model=path,
             served_model_name=[model_name],  # the label on vLLM's own Prometheus metrics
@@ -131,7 +169,7 @@ class VllmEngine(Engine):
         )
         stats.calls += 1
         raw = spec.is_raw
-        stream = self._llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, _request_id())
+        stream = _alive(self._llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, _request_id()))
         try:
             async for out in stream:
                 completion = out.outputs[0]
@@ -197,7 +235,7 @@ class VllmEngine(Engine):
             **last,
         )
         final = None
-        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, _request_id()):
+        async for out in _alive(self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, _request_id())):
             final = out
         assert final is not None and final.prompt_logprobs is not None
         entries = list(final.prompt_logprobs[len(prompt_ids) :])
@@ -211,6 +249,7 @@ class VllmEngine(Engine):
         return int(self._llm.get_num_unfinished_requests())
 
     async def check_health(self) -> None:
+        """Raise once vLLM's engine core is dead (it crashed, or its process was killed)."""
         await self._llm.check_health()
 
     async def shutdown(self) -> None:
@@ -252,6 +291,24 @@ def _as_ids(value: int | Sequence[int] | None) -> set[int]:
     if isinstance(value, int):
         return {value}
     return {int(v) for v in value}
+
+
+async def _alive(stream: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+    """``stream`` (vLLM's request outputs), with vLLM's ``EngineDeadError`` raised as a 503.
+
+    A dead engine core cannot come back in this process: the request fails with an
+    OpenAI-shaped 503 (code ``engine_dead``) rather than a 500, and the server's watchdog exits.
+    Closing this generator closes ``stream`` (which aborts an unfinished request in vLLM).
+    """
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    try:
+        async for out in stream:
+            yield out
+    except EngineDeadError as exc:
+        raise ServiceUnavailableError(ENGINE_DEAD_MESSAGE, code="engine_dead") from exc
+    finally:
+        await stream.aclose()
 
 
 def _request_id() -> str:
