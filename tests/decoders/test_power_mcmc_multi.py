@@ -9,6 +9,7 @@ proposal CDF and the acceptance threshold together, so the checks use a toleranc
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ G = 100
 GRID = (np.arange(G) + 0.5) / G
 
 
-def move_probabilities(log_weights: list[float], keys: list[object]) -> dict[object, float]:
+def move_probabilities(log_weights: list[float], keys: Sequence[object]) -> dict[object, float]:
     """P(next state's key = k) from point 0, integrated over the grid of both uniforms."""
     out: dict[object, float] = {}
     for u in GRID:
