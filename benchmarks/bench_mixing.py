@@ -136,11 +136,14 @@ def build_case(engine: TorchEngine, prompt: str, m: int) -> Case:
     ids = tuple(tok(text, add_special_tokens=False)["input_ids"])
     model = engine.model
     dev = engine.device
-    logp1 = torch.log_softmax(model(torch.tensor([ids], device=dev)).logits[0, -1].double(), -1).cpu()  # [V]
+    out = model(torch.tensor([ids], device=dev), use_cache=True)
+    logp1 = torch.log_softmax(out.logits[0, -1].double(), -1).cpu()  # [V]
     top = torch.argsort(logp1, descending=True)[:m].tolist()
     live = [a for a in top if a not in engine.eos_token_ids]
-    batch = torch.tensor([[*ids, a] for a in live], device=dev)
-    logp2 = torch.log_softmax(model(batch).logits[:, -1].double(), -1).cpu()  # [len(live), V]
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(len(live))  # the prompt's keys and values, once per first token
+    step = model(torch.tensor([[a] for a in live], device=dev), past_key_values=cache, use_cache=True)
+    logp2 = torch.log_softmax(step.logits[:, -1].double(), -1).cpu()  # [len(live), V]
     log_cond: dict[int, np.ndarray] = {}
     log_z2: dict[int, float] = {a: 0.0 for a in top}
     for row, a in enumerate(live):
