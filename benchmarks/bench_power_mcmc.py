@@ -2,12 +2,13 @@
 throughput floor and its concurrency, and what it buys in self-reward -- all in one run.
 
 (a) Wall time per completion of ``power_mcmc`` through the :class:`Engine` interface (torch and
-    vLLM engines, ``parallel_proposals`` 1 and P) vs a naive implementation in the style of
+    vLLM engines, ``proposals`` K = 1 and more) vs a naive implementation in the style of
     the reference code: every proposal regenerated from the full prefix with transformers
     ``model.generate`` (do_sample, temperature 1/alpha, ``output_scores`` / ``output_logits``
     for log q / log p), no cache reuse across proposals. Same prompts, seeds, alpha, block
-    size, steps and token budget. With P > 1 the chain is the same as with P = 1 (same seed,
-    same tokens on a deterministic engine); only the wall time and the discarded tokens differ.
+    size, steps and token budget. The naive baseline is the K = 1 chain: rows with K > 1 do K
+    times the proposals per step (a different chain, which mixes faster), so compare them by
+    wall time, not as equal work.
 (b) The same runs against the floor set by the engine's single-stream throughput, measured in
     the same rounds: floor = tokens generated / generate rate + tokens scored / score rate.
 (c) Aggregate throughput of ``power_mcmc`` through the HTTP server (``powerserve serve`` in a
@@ -199,7 +200,7 @@ async def part_ab(args: argparse.Namespace, path: str, prompts: list[list[int]])
         engines.pop("torch")
     eos = torch_engine.eos_token_ids
     model = torch_engine.model  # the naive baseline runs the same weights (never at the same time)
-    variants = {p: PowerMcmcParams(**args.mcmc, parallel_proposals=p) for p in args.parallel}
+    variants = {p: PowerMcmcParams(**args.mcmc, proposals=p) for p in args.parallel}
 
     # one warm-up of everything
     naive_power_mcmc(model, prompts[0], eos, 8, PowerMcmcParams(**{**args.mcmc, "block_size": 8}), 0)
@@ -224,7 +225,7 @@ async def part_ab(args: argparse.Namespace, path: str, prompts: list[list[int]])
 
     for name, engine in engines.items():
         for p, params in variants.items():
-            jobs.append((f"{name}, parallel_proposals={p}", chain_job(engine, params)))
+            jobs.append((f"{name}, proposals={p}", chain_job(engine, params)))
 
     for r in range(args.rounds):
         for j, prompt in enumerate(prompts):
@@ -242,9 +243,9 @@ async def part_ab(args: argparse.Namespace, path: str, prompts: list[list[int]])
     # the chain with P > 1 is the P = 1 chain: check it on the outputs
     same = {}
     for name in engines:
-        base = runs[f"{name}, parallel_proposals=1"]
+        base = runs[f"{name}, proposals=1"]
         for p in args.parallel[1:]:
-            other = runs[f"{name}, parallel_proposals={p}"]
+            other = runs[f"{name}, proposals={p}"]
             same[(name, p)] = sum(a.output == b.output for a, b in zip(base, other, strict=True))
 
     naive_wall = median([run.wall for run in runs["naive (HF generate)"]])
@@ -282,8 +283,8 @@ async def part_ab(args: argparse.Namespace, path: str, prompts: list[list[int]])
     lines.append("")
     for (name, p), n_same in same.items():
         lines.append(
-            f"{name}: parallel_proposals={p} returned the same tokens as parallel_proposals=1 "
-            f"in {n_same}/{len(runs[f'{name}, parallel_proposals=1'])} completions (same seeds)."
+            f"{name}: proposals={p} returned the same tokens as proposals=1 "
+            f"in {n_same}/{len(runs[f'{name}, proposals=1'])} completions (same seeds)."
         )
     return lines
 
@@ -327,7 +328,7 @@ async def http_batch(
 
 
 def part_c(args: argparse.Namespace, ports: dict[str, int], prompts: list[list[int]]) -> tuple[list[str], str]:
-    """Rounds over the engines' servers and ``parallel_proposals`` values, each with 1 and 8
+    """Rounds over the engines' servers and ``proposals`` values, each with 1 and 8
     requests in flight; the table and the engine with the higher returned throughput at 8."""
 
     def body(p: int) -> dict[str, Any]:
@@ -335,7 +336,7 @@ def part_c(args: argparse.Namespace, ports: dict[str, int], prompts: list[list[i
         # budget: how far the engine itself gains from 8 sequences in flight
         if p == 0:
             return {"decoder": {"name": "temperature", "alpha": args.alpha}}
-        return {"decoder": {"name": "power_mcmc", **args.mcmc, "parallel_proposals": p}}
+        return {"decoder": {"name": "power_mcmc", **args.mcmc, "proposals": p}}
 
     for port in ports.values():
         asyncio.run(http_batch(port, prompts[:2], [0, 1], 8, body(1), 2))  # warm-up
@@ -360,7 +361,7 @@ def part_c(args: argparse.Namespace, ports: dict[str, int], prompts: list[list[i
     best: dict[str, float] = {}
     for engine in ports:
         for p in variants:
-            name = f"temperature (1/{args.alpha:g}), reference" if p == 0 else f"power_mcmc, parallel_proposals={p}"
+            name = f"temperature (1/{args.alpha:g}), reference" if p == 0 else f"power_mcmc, proposals={p}"
             base = median([t for t, _, _ in rows[(engine, p, 1)]])
             for conc in (1, 8):
                 ret = median([t for t, _, _ in rows[(engine, p, conc)]])
@@ -379,7 +380,7 @@ def part_d(args: argparse.Namespace, port: int, prompts: list[list[int]]) -> lis
     decoders: dict[str, dict[str, Any]] = {
         "standard (temperature 1)": {"decoder": {"name": "standard"}, "temperature": 1.0},
         f"temperature (1/{args.alpha:g})": {"decoder": {"name": "temperature", "alpha": args.alpha}},
-        "power_mcmc": {"decoder": {"name": "power_mcmc", **args.mcmc, "parallel_proposals": args.http_parallel[0]}},
+        "power_mcmc": {"decoder": {"name": "power_mcmc", **args.mcmc, "proposals": args.http_parallel[0]}},
     }
     seeds = list(range(len(prompts)))
     rewards: dict[str, list[float]] = {}
@@ -429,13 +430,13 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--mcmc-steps", type=int, default=4)
     ap.add_argument("--alpha", type=float, default=4.0)
-    ap.add_argument("--parallel", type=int, nargs="+", default=[1, 2, 4], help="parallel_proposals values for (a)")
+    ap.add_argument("--parallel", type=int, nargs="+", default=[1, 8], help="proposals (K) values for (a)")
     ap.add_argument(
         "--http-parallel",
         type=int,
         nargs="+",
         default=None,
-        help="parallel_proposals values in (c); (d) uses the first; default: the decoder's default",
+        help="proposals values in (c); (d) uses the first; default: the decoder's default",
     )
     ap.add_argument("--engines", nargs="+", default=["torch", "vllm"], choices=["torch", "vllm"])
     ap.add_argument("--http-engines", nargs="*", default=["torch", "vllm"], choices=["torch", "vllm"])
@@ -450,7 +451,7 @@ def main() -> None:
     assert args.parallel[0] == 1, "the first --parallel value must be 1 (the baseline for the same-chain check)"
     args.mcmc = {"alpha": args.alpha, "block_size": args.block_size, "mcmc_steps": args.mcmc_steps}
     if args.http_parallel is None:
-        args.http_parallel = [PowerMcmcParams().parallel_proposals]
+        args.http_parallel = [PowerMcmcParams().proposals]
     args.reward_max_tokens = args.reward_max_tokens or args.max_tokens
 
     from transformers import AutoTokenizer

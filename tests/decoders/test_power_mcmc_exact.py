@@ -1,4 +1,5 @@
-"""``power_mcmc`` samples the sequence-level power distribution p(x)^alpha / Z, exactly.
+"""``power_mcmc`` samples the sequence-level power distribution p(x)^alpha / Z, exactly, for
+every number of proposals per step K shipped (1, 2, 4, 8).
 
 Two tiny random Llamas whose continuation spaces can be enumerated (max_tokens 3, EOS = 0):
 
@@ -10,17 +11,24 @@ Two tiny random Llamas whose continuation spaces can be enumerated (max_tokens 3
 
 p^alpha comes from the model's own conditional probabilities by enumeration
 (``tests.tabular_engine``). Each run: independent chains with seeds 0..N-1 run concurrently,
-one block (block_size = max_tokens), MCMC_STEPS = 20 steps; the empirical distribution of
-their final states is compared with p^alpha by total variation (TV).
+one block (block_size = max_tokens), STEPS[K] steps (20 / 10 / 6 / 4 for K = 1 / 2 / 4 / 8);
+the empirical distribution of their final states is compared with p^alpha by total variation
+(TV).
 
-How N and the tolerance were chosen. The chain's exact distribution after 20 steps is
+How N and the tolerance were chosen. The K = 1 chain's exact distribution after 20 steps is
 computed by enumerating its transition kernel (:func:`chain_distribution`): its TV to p^alpha
 (the mixing bias) is 0.012 (alpha2) and 0.004 (alpha4). In 20,000 simulated multinomial
 samples of N = 2000 from that distribution, the empirical TV has mean 0.022 and 99.9% quantile
 0.051 (alpha4: 0.010 / 0.040). TOLERANCE = 0.08 sits well above that and well below the 0.1%
 quantiles, at the same N, of the samplers that must fail: temperature 1/alpha 0.28 (alpha4:
 0.32; exact TV 0.31 / 0.35), sign-flipped proposal term 0.45 (0.44), missing length term
-0.19 (0.14). The seeds are fixed, so the tabular runs are deterministic.
+0.19 (0.14). Measured at N = 2000 (seeds 0..1999) for K = 1 / 2 / 4 / 8: TV 0.023 / 0.028 /
+0.039 / 0.026 (alpha2) and 0.010 / 0.003 / 0.005 / 0.007 (alpha4). The multiple-proposal step
+with a wrong weight (:data:`BROKEN_WEIGHTS`, K = 4, 6 steps, N = 2000 on alpha2, where the
+correct chain's TV is 0.04) gives 0.25 without -S_q, 0.23 without -log n(z) and 0.48 with the
+sign of S_q flipped -- far above TOLERANCE at every K tried (1, 2, 4, 8; the same within
+0.03); the test runs it with N_BROKEN = 1000 chains, whose sampling noise (mean TV about 0.03)
+is small beside that gap. The seeds are fixed, so the tabular runs are deterministic.
 
 The torch engine costs milliseconds per token on this machine, so the run on
 ``TorchEngine`` (alpha4, the cheapest case: ~28 tokens per chain) uses N_TORCH = 200 chains:
@@ -29,10 +37,7 @@ the correct chain's TV then has mean 0.029 and 99.9% quantile 0.111, hence TOLER
 every token's log p and log q against the enumerated tables, which is what carries the
 high-N tabular results (and the broken-variant checks) over to the real engine.
 
-Both distribution checks also run with PARALLEL = 4 speculative proposals per step, at the
-same N and tolerance. On the deterministic tabular engine that chain is the one-at-a-time
-chain seed for seed (``test_power_mcmc_parallel.py`` checks this), so its empirical
-distribution is the same; on the torch engine the concurrent proposals share the engine.
+The torch run uses K = 1 and K = 4 (STEPS 20 and 6).
 """
 
 from __future__ import annotations
@@ -66,11 +71,12 @@ from tests.tiny_model import make_tiny_llama
 EOS = frozenset({0})
 MAX_TOKENS = 3
 MCMC_STEPS = 20
+STEPS = {1: 20, 2: 10, 4: 6, 8: 4}  # steps per K: the K = 8 chain mixes in fewer steps
+N_BROKEN = 1000
 N_CHAINS = 2000
 TOLERANCE = 0.08
 N_TORCH = 200
 TOLERANCE_TORCH = 0.15
-PARALLEL = 4
 
 Dist = dict[tuple[int, ...], float]
 Acceptance = Callable[[float, Sequence[float], Sequence[float], Sequence[float], Sequence[float], int, int], float]
@@ -98,9 +104,9 @@ class Setup:
     target: Dist  # p^alpha / Z
     temperature: Dist  # token-level sampling at 1/alpha
 
-    def params(self, steps: int = MCMC_STEPS, parallel: int = 1) -> PowerMcmcParams:
+    def params(self, proposals: int = 1) -> PowerMcmcParams:
         return PowerMcmcParams(
-            alpha=self.case.alpha, block_size=MAX_TOKENS, mcmc_steps=steps, parallel_proposals=parallel
+            alpha=self.case.alpha, block_size=MAX_TOKENS, mcmc_steps=STEPS[proposals], proposals=proposals
         )
 
 
@@ -180,7 +186,29 @@ def no_length_term(
     return alpha * (sum(new_p) - sum(old_p)) + (sum(old_q) - sum(new_q))
 
 
-BROKEN = [pytest.param(sign_flipped, id="sign_flipped"), pytest.param(no_length_term, id="no_length_term")]
+Weight = Callable[[float, Sequence[float], Sequence[float], int], float]
+
+
+def weight_without_proposal_term(alpha: float, logp: Sequence[float], logq: Sequence[float], n: int) -> float:
+    """log w without -S_q: the candidates are weighed as if q were uniform."""
+    return alpha * math.fsum(logp) - math.log(n)
+
+
+def weight_without_length_term(alpha: float, logp: Sequence[float], logq: Sequence[float], n: int) -> float:
+    """log w without -log n(z): the state-dependent position choice left out."""
+    return alpha * math.fsum(logp) - math.fsum(logq)
+
+
+def weight_with_flipped_proposal_term(alpha: float, logp: Sequence[float], logq: Sequence[float], n: int) -> float:
+    """log w with +S_q: the public vLLM port's sign error."""
+    return alpha * math.fsum(logp) + math.fsum(logq) - math.log(n)
+
+
+BROKEN_WEIGHTS = [
+    pytest.param(weight_without_proposal_term, id="no_proposal_term"),
+    pytest.param(weight_without_length_term, id="no_length_term"),
+    pytest.param(weight_with_flipped_proposal_term, id="flipped_proposal_term"),
+]
 
 
 # --- running decoders --------------------------------------------------------------------------
@@ -226,12 +254,12 @@ def test_exact_kernel_converges_to_p_alpha_and_broken_kernels_do_not(case: Case)
         assert total_variation(chain_distribution(s, broken, MCMC_STEPS), s.target) > 2 * TOLERANCE
 
 
-@pytest.mark.parametrize("parallel", [1, PARALLEL])
+@pytest.mark.parametrize("proposals", list(STEPS))
 @pytest.mark.parametrize("case", CASES)
-async def test_power_mcmc_matches_p_alpha_and_temperature_does_not(case: Case, parallel: int) -> None:
+async def test_power_mcmc_matches_p_alpha_and_temperature_does_not(case: Case, proposals: int) -> None:
     s = setup(case)
     engine = tabular(s)
-    chains = empirical(await run_many(PowerMcmcDecoder(engine), s, s.params(parallel=parallel), N_CHAINS))
+    chains = empirical(await run_many(PowerMcmcDecoder(engine), s, s.params(proposals), N_CHAINS))
     temperature = empirical(
         await run_many(TemperatureDecoder(engine), s, TemperatureParams(alpha=case.alpha), N_CHAINS)
     )
@@ -239,23 +267,21 @@ async def test_power_mcmc_matches_p_alpha_and_temperature_does_not(case: Case, p
     assert total_variation(temperature, s.target) > TOLERANCE
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("broken", BROKEN)
-async def test_broken_acceptance_fails_the_same_check(
-    case: Case, broken: Acceptance, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    s = setup(case)
-    monkeypatch.setattr(power_mcmc, "log_acceptance", broken)
-    chains = empirical(await run_many(PowerMcmcDecoder(tabular(s)), s, s.params(), N_CHAINS))
+@pytest.mark.parametrize("broken", BROKEN_WEIGHTS)
+async def test_broken_weight_fails_the_same_check(broken: Weight, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The K = 4 chain with a wrong importance weight is caught (alpha2, N_BROKEN chains)."""
+    s = setup(RICH)
+    monkeypatch.setattr(power_mcmc, "log_weight", broken)
+    chains = empirical(await run_many(PowerMcmcDecoder(tabular(s)), s, s.params(4), N_BROKEN))
     assert total_variation(chains, s.target) > TOLERANCE
 
 
-@pytest.mark.parametrize("parallel", [1, PARALLEL])
-async def test_power_mcmc_on_torch_engine(parallel: int) -> None:
+@pytest.mark.parametrize("proposals", [1, 4])
+async def test_power_mcmc_on_torch_engine(proposals: int) -> None:
     s = setup(SHARP)
     engine = TorchEngine(s.model, None, model_name="tiny", max_model_len=16, eos_token_ids=EOS)
     try:
-        runs = await run_many(PowerMcmcDecoder(engine), s, s.params(parallel=parallel), N_TORCH)
+        runs = await run_many(PowerMcmcDecoder(engine), s, s.params(proposals), N_TORCH)
         temperature = empirical(
             await run_many(TemperatureDecoder(engine), s, TemperatureParams(alpha=SHARP.alpha), N_TORCH)
         )

@@ -28,7 +28,7 @@ __all__ = ["MODEL", "LiveServer", "ServerProcess"]
 SETTINGS: dict[str, Any] = {"max_n": 4, "default_max_tokens": 8, "max_tokens_limit": 64}
 
 # A chain that runs far longer than any deadline in these tests (tens of seconds on the tiny model).
-LONG_MCMC = {"name": "power_mcmc", "alpha": 4, "block_size": 1, "mcmc_steps": 64}
+LONG_MCMC = {"name": "power_mcmc", "alpha": 4, "block_size": 16, "mcmc_steps": 64, "proposals": 64}
 LONG_MCMC_SETTINGS: dict[str, Any] = {"max_engine_tokens_per_request": 10**9}
 
 

@@ -24,7 +24,7 @@ from tests.reliability.conftest import (
     parse_sse,
 )
 
-SMALL_MCMC = {"name": "power_mcmc", "alpha": 4, "block_size": 4, "mcmc_steps": 1}
+SMALL_MCMC = {"name": "power_mcmc", "alpha": 4, "block_size": 4, "mcmc_steps": 1, "proposals": 1}
 
 
 async def wait_for_metric(client: httpx.AsyncClient, name: str, value: float, **labels: str) -> None:

@@ -22,7 +22,6 @@ from powerserve.decoders.power_mcmc import (
     PowerMcmcDecoder,
     PowerMcmcParams,
     block_limits,
-    max_proposals,
     sum_block_limits,
 )
 from powerserve.decoders.power_smc import PowerSmcParams
@@ -100,11 +99,7 @@ def test_every_decoder_parameter_is_bounded_in_v1_decoders(server: LiveServer) -
     assert counted >= 15  # alpha x 4, mcmc 3, smc 4, lookahead 4
 
 
-def test_max_proposals_closed_form_matches_the_loop() -> None:
-    for steps in range(0, 70):
-        for parallel in range(1, 70):
-            loop = steps + sum(min(parallel - 1, steps - 1 - s) for s in range(steps))
-            assert max_proposals(steps, parallel) == loop, (steps, parallel)
+def test_sum_block_limits_closed_form_matches_the_loop() -> None:
     for tokens in range(1, 200):
         for block in range(1, 210):
             assert sum_block_limits(tokens, block) == sum(block_limits(tokens, block)), (tokens, block)
@@ -114,10 +109,10 @@ def test_planning_time_is_independent_of_the_counts() -> None:
     """expected_cost on parameter values far past the bounds (built without validation) answers
     at once: closed forms, not loops over the client's counts (the loop took minutes at 1e12)."""
     decoder = PowerMcmcDecoder.__new__(PowerMcmcDecoder)
-    huge = PowerMcmcParams.model_construct(alpha=4.0, block_size=1, mcmc_steps=10**12, parallel_proposals=10**9)
+    huge = PowerMcmcParams.model_construct(alpha=4.0, block_size=1, mcmc_steps=10**12, proposals=10**9)
     t0 = time.perf_counter()
     cost = decoder.expected_cost(huge, 10**9)
-    assert time.perf_counter() - t0 < 0.01
+    assert time.perf_counter() - t0 < 1.0  # a loop over 1e12 steps would take hours
     assert cost > 10**30
     for cls in (PowerSmcParams, PowerLookaheadParams):
         assert cls.model_json_schema()  # bounded models (checked above); their costs are products
@@ -129,7 +124,7 @@ def test_planning_time_is_independent_of_the_counts() -> None:
         ({"name": "power_mcmc", "mcmc_steps": 1e12}, "decoder.mcmc_steps"),
         ({"name": "power_mcmc", "mcmc_steps": 65}, "decoder.mcmc_steps"),
         ({"name": "power_mcmc", "block_size": 2**31}, "decoder.block_size"),
-        ({"name": "power_mcmc", "parallel_proposals": 2**63}, "decoder.parallel_proposals"),
+        ({"name": "power_mcmc", "proposals": 2**63}, "decoder.proposals"),
         ({"name": "power_smc", "particles": 1e12}, "decoder.particles"),
         ({"name": "power_lookahead", "rollouts": 2**31}, "decoder.rollouts"),
         ({"name": "temperature", "alpha": 1e308}, "decoder.alpha"),

@@ -145,7 +145,8 @@ async def test_deadline_while_queued_leaves_the_queue(engine: Any, probe: Genera
             assert 0.5 <= elapsed < 0.5 + SLACK_S
             text = (await client.get("/metrics")).text
             assert metric(text, "powerserve_requests_queued", decoder="standard", model=MODEL) == 0
-            assert probe.live <= 1, "only the chain runs: the queued request never reached the engine"
+            # the chain itself runs its K = 64 candidate calls (LONG_MCMC["proposals"]) at once
+            assert probe.live <= 64, "the queued request never reached the engine"
             assert probe.tokens >= tokens_before
             resp, _ = await chain
             assert_openai_error(resp, 504, "timeout_error")

@@ -31,6 +31,8 @@ def test_power_mcmc_completion_reports_its_cost(client: TestClient) -> None:
     stats = info["decoder_stats"]
     n_out = body["usage"]["completion_tokens"]
     assert stats["proposals"] >= 3  # at least mcmc_steps per block that ran
+    assert stats["candidates"] == 8 * stats["proposals"]  # the default K = 8 per step
+    assert stats["mh_steps_done"] == stats["mh_steps_total"] == stats["proposals"]
     assert 0.0 <= stats["acceptance_rate"] <= 1.0
     assert stats["tokens_proposed"] >= n_out
     assert info["tokens_generated"] >= stats["tokens_proposed"]
@@ -48,6 +50,12 @@ def test_power_mcmc_completion_reports_its_cost(client: TestClient) -> None:
         ({"alpha": 0.5}, "decoder.alpha"),
         ({"block_size": 0}, "decoder.block_size"),
         ({"mcmc_steps": -1}, "decoder.mcmc_steps"),
+        ({"mcmc_steps": 1e12}, "decoder.mcmc_steps"),
+        ({"mcmc_steps": 65}, "decoder.mcmc_steps"),
+        ({"proposals": 65}, "decoder.proposals"),
+        ({"proposals": 0}, "decoder.proposals"),
+        ({"block_size": 10**9}, "decoder.block_size"),
+        ({"parallel_proposals": 4}, "decoder.parallel_proposals"),
         ({"steps": 3}, "decoder.steps"),
     ],
 )
@@ -69,7 +77,7 @@ def test_engine_token_ceiling(engine: TorchEngine) -> None:
                 "model": MODEL,
                 "prompt": "x",
                 "max_tokens": 64,
-                "decoder": {"name": "power_mcmc", "block_size": 8, "mcmc_steps": 64},
+                "decoder": {"name": "power_mcmc", "block_size": 8, "mcmc_steps": 64, "proposals": 8},
             },
         )
         err = assert_openai_error(resp, 400, "max_tokens")
@@ -115,7 +123,7 @@ async def test_cancelling_a_chain_stops_it_within_a_second(engine: TorchEngine) 
         prompt="long",
         max_tokens=64,
         stream=True,
-        decoder={"name": "power_mcmc", "block_size": 1, "mcmc_steps": 64},
+        decoder={"name": "power_mcmc", "block_size": 16, "mcmc_steps": 64, "proposals": 64},
     )  # type: ignore[arg-type]
     labels = {"decoder": "power_mcmc", "model": MODEL, "outcome": "cancelled"}
     before = REGISTRY.get_sample_value("powerserve_requests_total", labels) or 0.0
