@@ -35,11 +35,15 @@ def temperature(alpha: float | None = None) -> dict[str, Any]:
 
 
 def power_mcmc(
-    alpha: float | None = None, block_size: int | None = None, mcmc_steps: int | None = None
+    alpha: float | None = None,
+    block_size: int | None = None,
+    mcmc_steps: int | None = None,
+    proposals: int | None = None,
 ) -> dict[str, Any]:
     """Metropolis-Hastings sampling from p(x)^alpha: ``mcmc_steps`` resampling steps after each
-    block of ``block_size`` tokens. Costs several times the tokens of plain sampling."""
-    return decoder("power_mcmc", alpha=alpha, block_size=block_size, mcmc_steps=mcmc_steps)
+    block of ``block_size`` tokens, each drawing ``proposals`` candidate suffixes together.
+    Costs several times the tokens of plain sampling."""
+    return decoder("power_mcmc", alpha=alpha, block_size=block_size, mcmc_steps=mcmc_steps, proposals=proposals)
 
 
 def parse_decoder(spec: str) -> dict[str, Any]:
