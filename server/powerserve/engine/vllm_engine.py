@@ -12,6 +12,12 @@ Both log-probabilities decoders need come out of vLLM without patching it:
 vLLM batches concurrent requests from many asyncio tasks itself; breaking out of, closing or
 cancelling :meth:`VllmEngine.generate` closes vLLM's own request stream, which aborts the
 request in the engine core.
+
+LoRA (students of the ``distilled`` decoder): ``start(max_loras=N)`` enables vLLM's LoRA support
+for up to N adapters in one batch; ``generate``/``score`` take a ``lora`` (a ``LoRARequest``) that
+applies to that request only, so adapter and base requests share the engine's batches.
+:meth:`VllmEngine.adapter` returns an :class:`~powerserve.engine.lora.LoraEngine` view that
+carries the request for decoders, which never see vLLM types.
 """
 
 from __future__ import annotations
@@ -60,13 +66,16 @@ class VllmEngine(Engine):
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         seed: int = 0,
+        max_loras: int = 0,
+        max_lora_rank: int = 16,
     ) -> VllmEngine:
         """Load ``path`` (a checkpoint directory or hub name) into a new vLLM engine.
 
         Blocks the event loop while vLLM starts (tens of seconds; its engine core runs in a
         spawned process, so the calling script needs an ``if __name__ == "__main__"`` guard):
         this runs once, before the server takes requests, and ``AsyncLLM`` must be built
-        inside the event loop that will drive it.
+        inside the event loop that will drive it. ``max_loras > 0`` enables LoRA adapters of
+        rank up to ``max_lora_rank`` (on CPU vLLM then turns graph compilation off).
         """
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -81,6 +90,8 @@ class VllmEngine(Engine):
         extra: dict[str, Any] = {}
         if gpu_memory_utilization is not None:
             extra["gpu_memory_utilization"] = gpu_memory_utilization
+        if max_loras > 0:
+            extra.update(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank)
         args = AsyncEngineArgs(
             model=path,
             served_model_name=[model_name],  # the label on vLLM's own Prometheus metrics
@@ -108,8 +119,16 @@ class VllmEngine(Engine):
             eos_token_ids=eos,
         )
 
+    def adapter(self, name: str, path: str, adapter_id: int) -> Engine:
+        """A view of this engine that runs every request with the LoRA adapter at ``path``."""
+        from vllm.lora.request import LoRARequest
+
+        from powerserve.engine.lora import LoraEngine
+
+        return LoraEngine(self, LoRARequest(lora_name=name, lora_int_id=adapter_id, lora_path=path), name)
+
     async def generate(
-        self, prompt_ids: Sequence[int], spec: SamplingSpec, stats: EngineStats
+        self, prompt_ids: Sequence[int], spec: SamplingSpec, stats: EngineStats, lora: Any = None
     ) -> AsyncIterator[TokenStep]:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -131,7 +150,8 @@ class VllmEngine(Engine):
         )
         stats.calls += 1
         raw = spec.is_raw
-        stream = self._llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, _request_id())
+        prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
+        stream = self._llm.generate(prompt, params, _request_id(), lora_request=lora)
         try:
             async for out in stream:
                 completion = out.outputs[0]
@@ -146,12 +166,14 @@ class VllmEngine(Engine):
             # after a normal finish this is a no-op.
             await stream.aclose()
 
-    async def score(self, prompt_ids: Sequence[int], token_ids: Sequence[int], stats: EngineStats) -> list[float]:
+    async def score(
+        self, prompt_ids: Sequence[int], token_ids: Sequence[int], stats: EngineStats, lora: Any = None
+    ) -> list[float]:
         stats.calls += 1
         stats.tokens_scored += len(token_ids)
         if not token_ids:
             return []
-        entries = await self._prompt_logprobs(prompt_ids, token_ids, top_k=0)
+        entries = await self._prompt_logprobs(prompt_ids, token_ids, top_k=0, lora=lora)
         return [float(entry[token].logprob) for entry, token in zip(entries, token_ids, strict=True)]
 
     async def top_logprobs(
@@ -166,7 +188,7 @@ class VllmEngine(Engine):
         return [{token: float(lp.logprob) for token, lp in row} for row in top]
 
     async def _prompt_logprobs(
-        self, prompt_ids: Sequence[int], token_ids: Sequence[int], top_k: int
+        self, prompt_ids: Sequence[int], token_ids: Sequence[int], top_k: int, lora: Any = None
     ) -> list[dict[int, Any]]:
         """vLLM's log-probability entries (raw model) at each position of ``token_ids``.
 
@@ -197,7 +219,9 @@ class VllmEngine(Engine):
             **last,
         )
         final = None
-        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, _request_id()):
+        async for out in self._llm.generate(
+            TokensPrompt(prompt_token_ids=ids), params, _request_id(), lora_request=lora
+        ):
             final = out
         assert final is not None and final.prompt_logprobs is not None
         entries = list(final.prompt_logprobs[len(prompt_ids) :])

@@ -43,7 +43,7 @@ def _runner(state: ServerState, body: ChatCompletionRequest) -> Runner:
         raise BadRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
     k = (body.top_logprobs or 0) if body.logprobs else None
     plan = build_plan(state, body, [_prompt_ids(state, body)], body.requested_max_tokens(), k)
-    state.admission.precheck(plan.weight, (plan.decoder.name, state.model_name))
+    state.admission.precheck(plan.weight, (plan.decoder.metric_label(plan.params), state.model_name))
     return Runner(state, plan)
 
 

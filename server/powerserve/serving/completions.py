@@ -26,7 +26,7 @@ def _runner(state: ServerState, body: CompletionRequest) -> Runner:
         raise BadRequestError("logprobs are not supported with stream=true", param="logprobs")
     prompts = tokenize_prompts(state, body.prompt)
     plan = build_plan(state, body, prompts, body.max_tokens, body.logprobs)
-    state.admission.precheck(plan.weight, (plan.decoder.name, state.model_name))
+    state.admission.precheck(plan.weight, (plan.decoder.metric_label(plan.params), state.model_name))
     return Runner(state, plan)
 
 
