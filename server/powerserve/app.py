@@ -49,7 +49,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from powerserve.distill.students import lora_rank, read_specs, start_students
+        from powerserve.distill.students import lora_modules, lora_rank, read_specs, start_students
         from powerserve.engine.factory import served_checkpoint, start_engine
 
         owned = engine is None
@@ -57,11 +57,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         # another base stops the start-up); LoRA adapters size the vLLM engine's LoRA slots.
         specs = read_specs(settings.distilled, lambda: served_checkpoint(settings))
         adapters = sum(1 for s in specs if s.kind == "lora")
-        eng = (
-            engine
-            if engine is not None
-            else await start_engine(settings, max_loras=adapters, max_lora_rank=lora_rank(specs) or 16)
-        )
+        lora: dict[str, Any] = {"max_loras": adapters, "max_lora_rank": lora_rank(specs) or 16}
+        lora["lora_target_modules"] = lora_modules(specs)
+        eng = engine if engine is not None else await start_engine(settings, **lora)
         students: list[Engine] = []
         extra: dict[str, Any] = {}
         try:

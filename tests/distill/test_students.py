@@ -19,7 +19,7 @@ from powerserve.app import create_app
 from powerserve.cli import main
 from powerserve.distill.manifest import read_manifest
 from powerserve.distill.records import data_sha256
-from powerserve.distill.students import StudentError, parse_spec, read_specs
+from powerserve.distill.students import StudentError, lora_modules, lora_rank, parse_spec, read_specs
 from powerserve.engine.torch_engine import TorchEngine
 from powerserve.settings import Settings
 
@@ -147,3 +147,17 @@ def test_an_adapter_for_another_base_stops_the_start_up(adapter: Path, tiny_base
         asyncio.run(engine.shutdown())
     message = str(info.value)
     assert "some-other-base" in message and str(tiny_base) in message and "trained on the base" in message
+
+
+def test_an_adapter_on_the_output_head_is_refused(adapter: Path, tmp_path: Path) -> None:
+    """vLLM's LoRA on the output head breaks the prompt log-probabilities of base scoring."""
+    head = tmp_path / "head-adapter"
+    shutil.copytree(adapter, head)
+    config = json.loads((head / "adapter_config.json").read_text())
+    config["target_modules"] = [*config["target_modules"], "lm_head"]
+    (head / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(StudentError, match="lm_head"):
+        read_specs([f"h={head}"], lambda: str(config["base_model_name_or_path"]))
+    specs = read_specs([f"a={adapter}"], lambda: str(config["base_model_name_or_path"]))
+    assert specs[0].kind == "lora" and "lm_head" not in (lora_modules(specs) or [])
+    assert lora_rank(specs) == 8  # rank 4 rounds up to the smallest rank vLLM accepts

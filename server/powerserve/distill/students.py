@@ -14,7 +14,8 @@ Checks happen at start-up, never at request time:
 2. An adapter must have been trained on the served base: the base path recorded in its
    ``adapter_config.json`` (and in the manifest, when there is one) must be the served model's
    checkpoint, else :class:`StudentError` stops the server with both paths in the message.
-3. An adapter needs the vLLM engine; its rank sets the engine's ``max_lora_rank``.
+3. Adapters may adapt the layers' projections only (not the output head or the embeddings);
+   their ranks set the engine's ``max_lora_rank``, their modules its ``lora_target_modules``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from powerserve.engine.vllm_engine import VllmEngine
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+# Adapted modules vLLM wraps in its LoRA logits processor, whose CPU punica path fails on the
+# per-token logits of prompt log-probabilities (vLLM 0.32): refused, and kept out of
+# ``lora_target_modules`` so the base scoring pass works with LoRA enabled.
+UNSCORABLE_MODULES = frozenset({"lm_head", "embed_tokens"})
 # The ranks vLLM accepts for ``max_lora_rank`` (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -53,6 +58,7 @@ class StudentSpec:
     teacher: str | None = None  # the teacher decoder, from the manifest
     base: str | None = None  # the base checkpoint the student was trained on
     rank: int | None = None  # LoRA rank
+    modules: tuple[str, ...] = ()  # LoRA target modules (peft names, e.g. q_proj)
 
     def card(self) -> dict[str, Any]:
         """What /v1/decoders and /v1/models show about the student."""
@@ -103,6 +109,15 @@ def lora_rank(specs: list[StudentSpec]) -> int:
     return fit
 
 
+def lora_modules(specs: list[StudentSpec]) -> list[str] | None:
+    """The union of the adapters' target modules: vLLM's ``lora_target_modules`` (None: no adapter).
+
+    Naming them keeps vLLM from wrapping modules no adapter uses, the output head included.
+    """
+    modules = sorted({m for s in specs if s.kind == "lora" for m in s.modules})
+    return modules or None
+
+
 def _read_one(name: str, path: Path, base_path: Callable[[], str]) -> StudentSpec:
     from powerserve.distill.manifest import MANIFEST_NAME, read_manifest
     from powerserve.distill.records import DistillError
@@ -142,7 +157,16 @@ def _read_one(name: str, path: Path, base_path: Callable[[], str]) -> StudentSpe
                 "this model (`powerserve distill train --lora --base ...`)."
             )
     rank = int(config.get("r", 0) or 0)
-    return StudentSpec(name, path, "lora", alpha, teacher, served, rank)
+    targets = config.get("target_modules") or []
+    modules = (targets,) if isinstance(targets, str) else tuple(str(t) for t in targets)
+    outside = sorted({m.split(".")[-1] for m in modules} & UNSCORABLE_MODULES)
+    if outside or isinstance(targets, str) or config.get("modules_to_save"):
+        raise StudentError(
+            f"--distilled {name}={path}: the adapter adapts {outside or targets or config.get('modules_to_save')}; "
+            "only the transformer layers' projections are served (vLLM's LoRA on the output head breaks the "
+            "prompt log-probabilities that score self-reward under the base)"
+        )
+    return StudentSpec(name, path, "lora", alpha, teacher, served, rank, modules)
 
 
 def same_checkpoint(a: str, b: str) -> bool:

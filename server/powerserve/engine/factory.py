@@ -23,12 +23,17 @@ def pick_engine(settings: Settings) -> str:
 
 
 async def start_engine(
-    settings: Settings, model: str | None = None, *, max_loras: int = 0, max_lora_rank: int = 16
+    settings: Settings,
+    model: str | None = None,
+    *,
+    max_loras: int = 0,
+    max_lora_rank: int = 16,
+    lora_target_modules: list[str] | None = None,
 ) -> Engine:
     """Load ``model`` (default: the settings' model, or the embedded one) on the chosen engine.
 
     ``max_loras > 0`` (vLLM only) enables that many LoRA adapters of rank up to ``max_lora_rank``
-    for the ``distilled`` decoder's students.
+    on ``lora_target_modules`` for the ``distilled`` decoder's students.
     """
     path, default_name = resolve_model(model if model is not None else settings.model, settings.cache_dir)
     name = (settings.served_model_name or default_name) if model is None else default_name
@@ -49,6 +54,7 @@ async def start_engine(
             seed=settings.seed,
             max_loras=max_loras,
             max_lora_rank=max_lora_rank,
+            lora_target_modules=lora_target_modules,
         )
     from powerserve.engine.torch_engine import TorchEngine
 

@@ -68,6 +68,7 @@ class VllmEngine(Engine):
         seed: int = 0,
         max_loras: int = 0,
         max_lora_rank: int = 16,
+        lora_target_modules: list[str] | None = None,
     ) -> VllmEngine:
         """Load ``path`` (a checkpoint directory or hub name) into a new vLLM engine.
 
@@ -75,7 +76,8 @@ class VllmEngine(Engine):
         spawned process, so the calling script needs an ``if __name__ == "__main__"`` guard):
         this runs once, before the server takes requests, and ``AsyncLLM`` must be built
         inside the event loop that will drive it. ``max_loras > 0`` enables LoRA adapters of
-        rank up to ``max_lora_rank`` (on CPU vLLM then turns graph compilation off).
+        rank up to ``max_lora_rank`` on ``lora_target_modules`` (None: every module vLLM supports,
+        which wraps the output head too; on CPU vLLM then turns graph compilation off).
         """
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -92,6 +94,7 @@ class VllmEngine(Engine):
             extra["gpu_memory_utilization"] = gpu_memory_utilization
         if max_loras > 0:
             extra.update(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank)
+            extra["lora_target_modules"] = lora_target_modules
         args = AsyncEngineArgs(
             model=path,
             served_model_name=[model_name],  # the label on vLLM's own Prometheus metrics
