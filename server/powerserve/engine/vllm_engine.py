@@ -93,7 +93,11 @@ class VllmEngine(Engine):
         if gpu_memory_utilization is not None:
             extra["gpu_memory_utilization"] = gpu_memory_utilization
         if max_loras > 0:
-            extra.update(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank)
+            # One slot more than adapters, left empty: vLLM's torch LoRA ops (the CPU punica path)
+            # index the stacked weights with -1 for rows without an adapter, which selects the
+            # *last* slot, so in a mixed batch base rows got the adapter held there. An empty
+            # (zero) last slot makes that a no-op. Seen with vLLM 0.32 on CPU.
+            extra.update(enable_lora=True, max_loras=max_loras + 1, max_lora_rank=max_lora_rank)
             extra["lora_target_modules"] = lora_target_modules
         args = AsyncEngineArgs(
             model=path,
