@@ -11,8 +11,9 @@ Two servers on the embedded model, one after the other (one vLLM engine alive at
 
 tokens/s = completion tokens returned / wall time of the batch; the table shows the median over
 rounds and each row's ratio to ``standard`` on the LoRA server and on the plain server.
-Without ``--adapter`` the script writes a rank-16 adapter on every projection with random
-(non-zero) weights: the cost of a LoRA does not depend on what it learnt.
+Without ``--adapter`` the script writes a rank-16 adapter on every projection with small random
+(non-zero) weights: the cost of a LoRA does not depend on what it learnt, and small weights keep
+the answers about as long as the base's (a strongly perturbed model may stop early or ramble).
 
     VLLM_CPU_KVCACHE_SPACE=2 .venv/bin/python benchmarks/bench_distilled.py --rounds 3 --max-tokens 64
     .venv/bin/python benchmarks/bench_distilled.py --rounds 1 --max-tokens 8 --requests 1   # smoke
@@ -49,7 +50,7 @@ CONCURRENCY = (1, 8)
 
 
 def write_adapter(out: Path, rank: int) -> Path:
-    """A LoRA adapter for the embedded model with random weights (peft ``init_lora_weights=False``)."""
+    """A LoRA adapter for the embedded model: peft's random A, and B ~ N(0, 1e-4) instead of zeros."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -59,8 +60,12 @@ def write_adapter(out: Path, rank: int) -> Path:
     base = str(ensure_embedded_checkpoint())
     model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=modules, init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(out)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=modules))
+    with torch.no_grad():  # non-zero but small B: every LoRA matmul runs, answers stay the base's length
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=1e-4)
+    peft_model.save_pretrained(out)
     return out
 
 
