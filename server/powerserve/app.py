@@ -31,6 +31,7 @@ from powerserve.protocol import (
     DecoderList,
     ModelCard,
     ModelList,
+    StudentCard,
     error_param,
     most_specific_error,
 )
@@ -51,25 +52,32 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from powerserve.distill.students import lora_modules, lora_rank, read_specs, start_students
+        from powerserve.engine.factory import served_checkpoint, start_engine
+
         owned = engine is None
-        if engine is None:
-            from powerserve.engine.factory import start_engine
-
-            eng = await start_engine(settings)
-        else:
-            eng = engine
-        student: Engine | None = None
+        # The 'distilled' decoder's students, checked before the engine starts (an adapter for
+        # another base stops the start-up); LoRA adapters size the vLLM engine's LoRA slots.
+        specs = read_specs(settings.distilled, lambda: served_checkpoint(settings))
+        adapters = sum(1 for s in specs if s.kind == "lora")
+        lora: dict[str, Any] = {"max_loras": adapters, "max_lora_rank": lora_rank(specs) or 16}
+        lora["lora_target_modules"] = lora_modules(specs)
+        eng = engine if engine is not None else await start_engine(settings, **lora)
+        students: list[Engine] = []
         extra: dict[str, Any] = {}
-        if settings.distilled is not None:  # the 'distilled' decoder's checkpoint, on its own engine
-            from powerserve.decoders.distilled import start_student
-
-            student, extra = await start_student(settings, eng)
+        try:
+            if specs:
+                students, extra = await start_students(specs, settings, eng)
+        except BaseException:
+            if owned:
+                await eng.shutdown()
+            raise
         app.state.powerserve = ServerState.build(settings, eng, settings.served_model_name or eng.model_name, extra)
         log.info("serving %s on the %s engine", app.state.powerserve.model_name, eng.name)
         try:
             yield
         finally:
-            if student is not None:
+            for student in students:
                 await student.shutdown()
             if owned:
                 await eng.shutdown()
@@ -136,7 +144,10 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
     @app.get("/v1/models", dependencies=auth, response_model=ModelList)
     async def list_models(state: State) -> ModelList:
         names = [state.model_name] + [f"{state.model_name}:{d}" for d in state.decoders]
-        return ModelList(data=[ModelCard(id=n) for n in names])
+        cards = [ModelCard(id=n) for n in names]
+        for student in _students(state):  # '<model>:distilled:NAME' aliases
+            cards.append(ModelCard(id=f"{state.model_name}:distilled:{student.name}", student=student))
+        return ModelList(data=cards)
 
     @app.get("/v1/decoders", dependencies=auth, response_model=DecoderList)
     async def list_decoders(state: State) -> DecoderList:
@@ -144,7 +155,8 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
         from powerserve.decoders.registry import DECODERS
 
         for name, cls in DECODERS.items():
-            model = cls.params_model
+            # A served decoder's own parameters model (distilled's lists its students' names).
+            model = state.decoders[name].params_model if name in state.decoders else cls.params_model
             defaults = {k: f.default for k, f in model.model_fields.items()}
             cards.append(
                 DecoderCard(
@@ -155,6 +167,7 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
                     defaults=defaults,
                     available=name in state.decoders,
                     unavailable_reason=state.unavailable.get(name),
+                    students=_students(state) if name == "distilled" and name in state.decoders else None,
                 )
             )
         return DecoderList(data=cards)
@@ -174,6 +187,13 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
                 await stream_chat_completion(state, body), media_type="text/event-stream", headers=SSE_HEADERS
             )
         return await create_chat_completion(state, body, request)
+
+
+def _students(state: ServerState) -> list[StudentCard]:
+    """The distilled decoder's students, default first (empty when it is not served)."""
+    decoder = state.decoders.get("distilled")
+    students = getattr(decoder, "students", None) or {}
+    return [StudentCard(**spec.card()) for spec, _ in students.values()]
 
 
 def _install_error_handlers(app: FastAPI) -> None:

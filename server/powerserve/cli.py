@@ -27,6 +27,8 @@ def _settings_options(parser: argparse.ArgumentParser) -> None:
             annotation = next(a for a in args if a is not type(None))
         if annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(annotation) is list:
+            parser.add_argument(flag, action="append", default=None, help=help_text + " (repeatable)")
         elif typing.get_origin(annotation) is Literal:
             parser.add_argument(flag, choices=typing.get_args(annotation), default=None, help=help_text)
         else:

@@ -424,11 +424,23 @@ class ChatCompletionChunk(BaseModel):
     powerserve: PowerserveInfo | None = None
 
 
+class StudentCard(BaseModel):
+    """A student of the ``distilled`` decoder (``--distilled NAME=PATH``), from its manifest."""
+
+    name: str
+    kind: Literal["lora", "full"] = Field(description="lora: an adapter on the base engine; full: a checkpoint")
+    alpha: float | None = Field(None, description="the teacher's power exponent")
+    teacher: str | None = Field(None, description="the decoder that drew the teacher samples")
+    base: str | None = Field(None, description="the base checkpoint it was trained on")
+    path: str
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=_now)
     owned_by: str = "powerserve"
+    student: StudentCard | None = Field(None, description="powerserve: the student a '<model>:distilled:NAME' selects")
 
 
 class ModelList(BaseModel):
@@ -444,6 +456,7 @@ class DecoderCard(BaseModel):
     defaults: dict[str, Any]
     available: bool = True
     unavailable_reason: str | None = None
+    students: list[StudentCard] | None = Field(None, description="distilled: the students, the default first")
 
 
 class DecoderList(BaseModel):

@@ -4,10 +4,10 @@ overridden by ``powerserve serve`` options of the same names."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from powerserve.model_store import default_cache_dir
 
@@ -63,6 +63,24 @@ class Settings(BaseSettings):
     )
 
     # Decoders
-    distilled: Path | None = Field(None, description="checkpoint served by the 'distilled' decoder")
+    distilled: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="a student for the 'distilled' decoder: [NAME=]PATH, a LoRA adapter (served on the vLLM "
+        "engine beside the base) or a full checkpoint (torch engine); repeatable (env: comma-separated)",
+    )
+
+    @field_validator("distilled", mode="before")
+    @classmethod
+    def _students(cls, value: object) -> object:
+        """Accept one path (str or Path), a comma-separated string (the environment) or a list."""
+        if value is None:
+            return []
+        if isinstance(value, Path):
+            return [str(value)]
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            return [str(v) for v in value]
+        return value
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"

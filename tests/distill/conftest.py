@@ -30,3 +30,16 @@ def write_prompts(path: Path, n: int, seed: int = 7) -> Path:
 
 def read_lines(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def teacher_samples(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight power_mcmc samples (4 prompts x 2) from ``tiny_base``, drawn once per session."""
+    from powerserve.cli import main
+
+    work = tmp_path_factory.mktemp("teacher-session")
+    prompts = write_prompts(work / "prompts.jsonl", 4)
+    out = work / "samples.jsonl"
+    args = ["distill", "teacher", "--prompts", str(prompts), "--out", str(out), "--model", str(tiny_base)]
+    assert main([*args, *TEACHER_ARGS, "--samples-per-prompt", "2", "--no-progress"]) == 0
+    return out

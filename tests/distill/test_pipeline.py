@@ -93,12 +93,13 @@ def test_train_refuses_to_overwrite_a_finished_checkpoint(
     assert (student / MANIFEST_NAME).read_text() == before
 
 
-def test_lora_training_is_merged_into_a_full_checkpoint(samples: Path, tiny_base: Path, tmp_path: Path) -> None:
+def test_lora_training_with_merge_is_a_full_checkpoint(samples: Path, tiny_base: Path, tmp_path: Path) -> None:
     out = tmp_path / "lora"
     args = ["distill", "train", "--samples", str(samples), "--base", str(tiny_base), "--out", str(out), "--lora"]
-    assert main([*args, "--lora-r", "4", "--max-steps", "2", "--batch-size", "4", "--no-progress"]) == 0
+    assert main([*args, "--merge", "--lora-r", "4", "--max-steps", "2", "--batch-size", "4", "--no-progress"]) == 0
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["training"]["lora"] is True and manifest["training"]["lora_r"] == 4
+    assert manifest["student"]["kind"] == "full"
     assert not (out / "adapter_config.json").exists()
     engine = TorchEngine.load(str(out), model_name="lora", max_model_len=64)  # loads as a plain model
     asyncio.run(engine.shutdown())

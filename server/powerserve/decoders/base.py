@@ -65,6 +65,11 @@ class Decoder(abc.ABC):
         """
         return float(max_tokens)
 
+    def metric_label(self, params: DecoderParams) -> str:
+        """The ``decoder`` label of this request's metrics (the name, unless a decoder serves
+        several fixed variants that deserve their own series)."""
+        return self.name
+
     @abc.abstractmethod
     def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
         """Yield the output tokens of ``request`` in order, each final once yielded.

@@ -1,108 +1,100 @@
-"""``distilled``: sample from a power-self-distilled checkpoint at standard cost.
+"""``distilled``: sample from a power-self-distilled student at standard cost.
 
-The student (a checkpoint written by ``powerserve distill train``, served with ``--distilled
-PATH``) runs on its own engine beside the base model's; it samples like ``standard`` with the
-request's OpenAI parameters (``temperature`` 1 by default, ``top_p``, ``top_k``). Its tokens
-carry ``logp=None`` on purpose: the student's log-probabilities are not the base model's, and
-serving then scores the returned tokens under the base engine, so the self-reward of every
-decoder is measured on one scale. That scoring shows up as ``tokens_scored`` (one scoring
-pass over the answer); the decoding itself is one student token per returned token.
+Students are named by ``--distilled [NAME=]PATH`` (see :mod:`powerserve.distill.students`); a
+request picks one with ``{"name": "distilled", "student": "NAME"}`` or the model alias
+``<model>:distilled:NAME``, else gets the first. A LoRA adapter runs on the base model's vLLM
+engine with its ``LoRARequest`` (its requests batch with the base model's); a full checkpoint
+runs on the torch engine beside the base (a second vLLM engine in one process collides with the
+first one's Prometheus metrics).
 
-The student always runs on the torch engine: a second vLLM engine in the same process
-collides with the first one's Prometheus metrics, and a 135M-1B student is cheap on it.
+The student samples like ``standard`` with the request's OpenAI parameters (``temperature`` 1
+by default, ``top_p``, ``top_k``). Its tokens carry ``logp=None`` on purpose: the student's
+log-probabilities are not the base model's, and serving then scores the returned tokens under
+the base engine (no adapter), so the self-reward of every decoder is measured on one scale.
+That scoring shows up as ``tokens_scored`` (one scoring pass over the answer); the decoding
+itself is one student token per returned token.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
+
+from pydantic import Field, create_model
 
 from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams
 from powerserve.decoders.standard import openai_spec
+from powerserve.distill.students import StudentSpec
 from powerserve.engine.base import Engine, EngineStats, TokenStep
 
 log = logging.getLogger(__name__)
 
 HOW_TO_MAKE_ONE = (
     "no distilled checkpoint is configured. Make one with `powerserve distill teacher --prompts P.jsonl "
-    "--out samples.jsonl` then `powerserve distill train --samples samples.jsonl --out CKPT`, and start the "
-    "server with `--distilled CKPT` (or POWERSERVE_DISTILLED=CKPT)"
+    "--out samples.jsonl` then `powerserve distill train --samples samples.jsonl --out CKPT [--lora]`, and "
+    "start the server with `--distilled [NAME=]CKPT` (or POWERSERVE_DISTILLED=CKPT)"
 )
 
 
 class DistilledParams(DecoderParams):
-    """``distilled`` has no parameters of its own: it honours temperature, top_p, top_k."""
+    """``student`` picks a student by name (default: the first); temperature, top_p and top_k apply."""
+
+    student: str | None = Field(None, description="the student's name (GET /v1/decoders lists them)")
 
 
 class DistilledDecoder(Decoder):
     name = "distilled"
     description = (
-        "Samples from the power-self-distilled checkpoint (--distilled) at standard cost; honours "
+        "Samples from a power-self-distilled student (--distilled [NAME=]PATH) at standard cost; honours "
         "temperature, top_p and top_k. Self-reward is measured under the base model."
     )
     params_model = DistilledParams
     streams_tokens = True
 
-    def __init__(self, engine: Engine, student: Engine) -> None:
+    def __init__(self, engine: Engine, students: dict[str, tuple[StudentSpec, Engine]]) -> None:
         super().__init__(engine)
-        self.student = student
+        assert students, "a distilled decoder needs at least one student"
+        self.students = students
+        self.default = next(iter(students))
+
+    @property
+    def student(self) -> Engine:
+        """The default student's engine."""
+        return self.students[self.default][1]
 
     @classmethod
     def from_settings(cls, engine: Engine, settings: Any, **extra: Any) -> DistilledDecoder:
-        """Needs ``extra['distilled_engine']`` (started by :func:`start_student`)."""
+        """Needs ``extra['distilled_students']`` (started by :func:`start_students`).
+
+        The parameters model is made per server: ``student`` is a ``Literal`` of the loaded
+        names, so an unknown one is a 400 that lists the valid ones.
+        """
         # Imported here: serving imports the registry, which imports this module.
         from powerserve.serving.state import UnavailableDecoder
 
-        if settings.distilled is None:
+        if not settings.distilled:
             raise UnavailableDecoder(HOW_TO_MAKE_ONE)
-        student = extra.get("distilled_engine")
-        if student is None:
-            raise UnavailableDecoder(
-                extra.get("distilled_error") or f"the distilled checkpoint {settings.distilled} was not loaded"
-            )
-        return cls(engine, student)
+        students: dict[str, tuple[StudentSpec, Engine]] = extra.get("distilled_students") or {}
+        if not students:
+            raise UnavailableDecoder(extra.get("distilled_error") or "no distilled student was loaded")
+        choice: Any = Literal.__getitem__(tuple(students))
+        params = create_model(
+            "DistilledParams",
+            __base__=DistilledParams,
+            student=(choice | None, Field(None, description=DistilledParams.model_fields["student"].description)),
+        )
+        per_server = type(cls.__name__, (cls,), {"params_model": params})
+        return cast(DistilledDecoder, per_server(engine, students))
+
+    def student_for(self, params: DecoderParams) -> str:
+        return getattr(params, "student", None) or self.default
+
+    def metric_label(self, params: DecoderParams) -> str:
+        """``distilled:NAME``: each student is its own series (bounded by the --distilled list)."""
+        return f"{self.name}:{self.student_for(params)}"
 
     async def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
-        async for step in self.student.generate(request.prompt_ids, openai_spec(request), stats):
+        student = self.students[self.student_for(request.params)][1]
+        async for step in student.generate(request.prompt_ids, openai_spec(request), stats):
             yield TokenStep(step.token_id, step.logq, None)  # None: serving scores it under the base
-
-
-async def start_student(settings: Any, base: Engine) -> tuple[Engine | None, dict[str, Any]]:
-    """Load ``settings.distilled`` on the torch engine for :class:`DistilledDecoder`.
-
-    Returns (the engine to shut down at exit or None, the ``extra`` for ``ServerState.build``).
-    A checkpoint that is missing, unfinished or made for another tokenizer leaves the decoder
-    unavailable with the reason (the server still serves everything else).
-    """
-    student, reason = await asyncio.to_thread(_load_student, settings, base)
-    if student is not None and reason is not None:
-        await student.shutdown()
-    if reason is not None:
-        log.error("the distilled decoder is unavailable: %s", reason)
-        return None, {"distilled_error": reason}
-    return student, {"distilled_engine": student}
-
-
-def _load_student(settings: Any, base: Engine) -> tuple[Engine | None, str | None]:
-    from powerserve.distill.manifest import MANIFEST_NAME
-    from powerserve.distill.records import tokenizer_fingerprint
-    from powerserve.engine.torch_engine import TorchEngine
-    from powerserve.model_store import is_complete
-
-    path = Path(settings.distilled).expanduser()
-    if not (path / "config.json").is_file():
-        return None, f"--distilled {path} is not a checkpoint directory (no config.json)"
-    if (path / MANIFEST_NAME).is_file() and not is_complete(path):
-        return None, f"--distilled {path} is an unfinished checkpoint"
-    try:
-        student = TorchEngine.load(
-            str(path), model_name=path.name, max_model_len=base.max_model_len, dtype=settings.dtype
-        )
-    except Exception as exc:  # any load failure leaves only this decoder unavailable
-        return None, f"cannot load --distilled {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-    if base.tokenizer is not None and tokenizer_fingerprint(student.tokenizer) != tokenizer_fingerprint(base.tokenizer):
-        return student, f"--distilled {path} has another tokenizer than the served model"
-    return student, None

@@ -58,7 +58,8 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--warmup-steps", type=int, default=0)
     r.add_argument("--weight-decay", type=float, default=0.0)
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--lora", action="store_true", help="train a LoRA adapter (peft), merged at the end")
+    r.add_argument("--lora", action="store_true", help="train a LoRA adapter (peft), kept as an adapter")
+    r.add_argument("--merge", action="store_true", help="with --lora: merge the adapter into a full checkpoint")
     r.add_argument("--lora-r", type=int, default=16)
     r.add_argument("--lora-alpha", type=int, default=32)
     r.add_argument("--no-progress", action="store_true")
@@ -121,6 +122,7 @@ def run_train_cmd(ns: argparse.Namespace) -> int:
             lora=ns.lora,
             lora_r=ns.lora_r,
             lora_alpha=ns.lora_alpha,
+            merge=ns.merge,
         )
         manifest = train(cfg, progress=not ns.no_progress)
         summary = {"checkpoint": str(ns.out), "final_loss": manifest.final_loss, "steps": manifest.training["steps"]}

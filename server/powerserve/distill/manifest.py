@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -37,11 +37,30 @@ class BaseInfo(BaseModel):
     tokenizer: str  # tokenizer_fingerprint
 
 
+class StudentInfo(BaseModel):
+    """What a server needs to know about a student: what it is and what it was trained from.
+
+    ``kind`` is ``lora`` for an unmerged adapter (served on the base model's vLLM engine) and
+    ``full`` for an ordinary checkpoint. ``base_checkpoint`` is the path of the base the
+    student was trained on: a server refuses an adapter whose base is not the served model.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: Literal["lora", "full"]
+    base_checkpoint: str
+    alpha: float | None  # the teacher's power exponent
+    teacher_decoder: str
+    data_sha256: str
+    lora_r: int | None = None
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     format: str = FORMAT
     created: str
+    student: StudentInfo | None = None  # None in manifests written before adapters were kept
     base: BaseInfo
     teacher: dict[str, Any]  # decoder, params, max_tokens, source
     data: dict[str, Any]  # path, sha256, samples, prompts, completion_tokens

@@ -5,8 +5,10 @@ the student is pulled towards p^alpha by imitating samples drawn from it. Traini
 token ids (the teacher's exact prompt and completion ids; no re-tokenising), with the
 prompt tokens' labels set to -100 so the loss is the completion tokens' negative
 log-likelihood only. The trainer is transformers' ``Trainer``; ``--lora`` trains a peft LoRA
-adapter instead of every weight and merges it into the weights at the end, so the result is
-always an ordinary full checkpoint that any engine loads.
+adapter instead of every weight and keeps it as an adapter directory (``adapter_config.json``,
+``adapter_model.safetensors``, the tokenizer, the manifest), which the vLLM engine serves beside
+the base model in the same batches; ``--lora --merge`` merges it into an ordinary full
+checkpoint that any engine loads.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from powerserve.distill.manifest import MANIFEST_NAME, BaseInfo, Manifest, atomic_checkpoint, check_target
+from powerserve.distill.manifest import (
+    MANIFEST_NAME,
+    BaseInfo,
+    Manifest,
+    StudentInfo,
+    atomic_checkpoint,
+    check_target,
+)
 from powerserve.distill.records import DistillError, data_sha256, read_samples, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -44,6 +53,7 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
+    merge: bool = False  # with lora: merge the adapter into a full checkpoint
 
 
 def build_examples(records: list[dict[str, Any]], max_len: int | None) -> list[dict[str, list[int]]]:
@@ -101,7 +111,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Manifest:
        samples (errors name the line; a partial last line is dropped).
     2. Load the base; check the samples were drawn from a model like it (tokenizer, type).
     3. Train with ``Trainer`` (optionally a LoRA adapter); loss on completion tokens only.
-    4. Merge LoRA, save into a temporary directory with the manifest, rename into place.
+    4. Save (the adapter alone, or merged, or the full model) into a temporary directory with
+       the manifest, rename into place. The manifest's ``student`` block records the kind
+       (``lora`` or ``full``), the base checkpoint, alpha, the teacher decoder and the data hash.
     """
     check_target(cfg.out, cfg.overwrite)
     records, dropped = read_samples(cfg.samples)
@@ -149,13 +161,24 @@ def train(cfg: TrainConfig, progress: bool = True) -> Manifest:
         started = time.perf_counter()
         result, history = _fit(model, tokenizer, examples, cfg, tmp / ".trainer", progress)
         wall = time.perf_counter() - started
-        if cfg.lora:
+        adapter = cfg.lora and not cfg.merge
+        if cfg.lora and cfg.merge:
             model = model.merge_and_unload()
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)  # a peft model saves its adapter only
         tokenizer.save_pretrained(tmp)
         first = records[0]
+        first = records[0]
+        data_hash = data_sha256(cfg.samples)
         manifest = Manifest(
             created=datetime.now(UTC).isoformat(timespec="seconds"),
+            student=StudentInfo(
+                kind="lora" if adapter else "full",
+                base_checkpoint=str(path),
+                alpha=_alpha(first["params"]),
+                teacher_decoder=str(first["decoder"]),
+                data_sha256=data_hash,
+                lora_r=cfg.lora_r if adapter else None,
+            ),
             base=BaseInfo(**{**drawn.model_dump(), "path": str(path)}),
             teacher={
                 "decoder": first["decoder"],
@@ -165,7 +188,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Manifest:
             },
             data={
                 "path": str(cfg.samples),
-                "sha256": data_sha256(cfg.samples),
+                "sha256": data_hash,
                 "samples": len(records) + inexact,
                 "skipped_inexact_ids": inexact,
                 "used": len(examples),
@@ -187,6 +210,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Manifest:
         )
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
     return manifest
+
+
+def _alpha(params: dict[str, Any]) -> float | None:
+    value = params.get("alpha")
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _with_lora(model: Any, cfg: TrainConfig) -> Any:

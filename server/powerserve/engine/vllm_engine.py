@@ -19,6 +19,12 @@ generator of a seeded request whose prompt was only partly prefilled in a step, 
 Once the engine core is dead, every call raises :class:`~powerserve.errors.ServiceUnavailableError`
 (503, code ``engine_dead``) and :meth:`VllmEngine.check_health` raises; the server's watchdog
 then exits the process (``powerserve.server``).
+
+LoRA (students of the ``distilled`` decoder): ``start(max_loras=N)`` enables vLLM's LoRA support
+for up to N adapters in one batch; ``generate``/``score`` take a ``lora`` (a ``LoRARequest``) that
+applies to that request only, so adapter and base requests share the engine's batches.
+:meth:`VllmEngine.adapter` returns an :class:`~powerserve.engine.lora.LoraEngine` view that
+carries the request for decoders, which never see vLLM types.
 """
 
 from __future__ import annotations
@@ -96,6 +102,9 @@ class VllmEngine(Engine):
         pipeline_parallel_size: int = 1,
         seed: int = 0,
         chunked_prefill: bool | None = None,
+        max_loras: int = 0,
+        max_lora_rank: int = 16,
+        lora_target_modules: list[str] | None = None,
     ) -> VllmEngine:
         """Load ``path`` (a checkpoint directory or hub name) into a new vLLM engine.
 
@@ -104,6 +113,9 @@ class VllmEngine(Engine):
         this runs once, before the server takes requests, and ``AsyncLLM`` must be built
         inside the event loop that will drive it. ``chunked_prefill``: see :func:`scheduler_args`
         (``None``, the default, is the safe choice for the platform).
+        ``max_loras > 0`` enables LoRA adapters of
+        rank up to ``max_lora_rank`` on ``lora_target_modules`` (None: every module vLLM supports,
+        which wraps the output head too; on CPU vLLM then turns graph compilation off).
         """
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -119,6 +131,13 @@ class VllmEngine(Engine):
         if gpu_memory_utilization is not None:
             extra["gpu_memory_utilization"] = gpu_memory_utilization
         extra.update(scheduler_args(on_cpu, max_model_len, chunked_prefill))
+        if max_loras > 0:
+            # One slot more than adapters, left empty: vLLM's torch LoRA ops (the CPU punica path)
+            # index the stacked weights with -1 for rows without an adapter, which selects the
+            # *last* slot, so in a mixed batch base rows got the adapter held there. An empty
+            # (zero) last slot makes that a no-op. Seen with vLLM 0.32 on CPU.
+            extra.update(enable_lora=True, max_loras=max_loras + 1, max_lora_rank=max_lora_rank)
+            extra["lora_target_modules"] = lora_target_modules
         args = AsyncEngineArgs(
             model=path,
             served_model_name=[model_name],  # the label on vLLM's own Prometheus metrics
@@ -146,8 +165,16 @@ class VllmEngine(Engine):
             eos_token_ids=eos,
         )
 
+    def adapter(self, name: str, path: str, adapter_id: int) -> Engine:
+        """A view of this engine that runs every request with the LoRA adapter at ``path``."""
+        from vllm.lora.request import LoRARequest
+
+        from powerserve.engine.lora import LoraEngine
+
+        return LoraEngine(self, LoRARequest(lora_name=name, lora_int_id=adapter_id, lora_path=path), name)
+
     async def generate(
-        self, prompt_ids: Sequence[int], spec: SamplingSpec, stats: EngineStats
+        self, prompt_ids: Sequence[int], spec: SamplingSpec, stats: EngineStats, lora: Any = None
     ) -> AsyncIterator[TokenStep]:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -169,7 +196,8 @@ class VllmEngine(Engine):
         )
         stats.calls += 1
         raw = spec.is_raw
-        stream = _alive(self._llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, _request_id()))
+        prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
+        stream = _alive(self._llm.generate(prompt, params, _request_id(), lora_request=lora))
         try:
             async for out in stream:
                 completion = out.outputs[0]
@@ -184,12 +212,14 @@ class VllmEngine(Engine):
             # after a normal finish this is a no-op.
             await stream.aclose()
 
-    async def score(self, prompt_ids: Sequence[int], token_ids: Sequence[int], stats: EngineStats) -> list[float]:
+    async def score(
+        self, prompt_ids: Sequence[int], token_ids: Sequence[int], stats: EngineStats, lora: Any = None
+    ) -> list[float]:
         stats.calls += 1
         stats.tokens_scored += len(token_ids)
         if not token_ids:
             return []
-        entries = await self._prompt_logprobs(prompt_ids, token_ids, top_k=0)
+        entries = await self._prompt_logprobs(prompt_ids, token_ids, top_k=0, lora=lora)
         return [float(entry[token].logprob) for entry, token in zip(entries, token_ids, strict=True)]
 
     async def top_logprobs(
@@ -204,7 +234,7 @@ class VllmEngine(Engine):
         return [{token: float(lp.logprob) for token, lp in row} for row in top]
 
     async def _prompt_logprobs(
-        self, prompt_ids: Sequence[int], token_ids: Sequence[int], top_k: int
+        self, prompt_ids: Sequence[int], token_ids: Sequence[int], top_k: int, lora: Any = None
     ) -> list[dict[int, Any]]:
         """vLLM's log-probability entries (raw model) at each position of ``token_ids``.
 
@@ -235,7 +265,8 @@ class VllmEngine(Engine):
             **last,
         )
         final = None
-        async for out in _alive(self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, _request_id())):
+        request = TokensPrompt(prompt_token_ids=ids)
+        async for out in _alive(self._llm.generate(request, params, _request_id(), lora_request=lora)):
             final = out
         assert final is not None and final.prompt_logprobs is not None
         entries = list(final.prompt_logprobs[len(prompt_ids) :])

@@ -46,7 +46,7 @@ async def _runner(state: ServerState, body: ChatCompletionRequest) -> Runner:
     # tokenizer releases the GIL, so in a worker thread it leaves the event loop free.
     prompt = await asyncio.to_thread(_prompt_ids, state, body)
     plan = build_plan(state, body, [prompt], body.requested_max_tokens(), k)
-    state.admission.precheck(plan.weight, (plan.decoder.name, state.model_name))
+    state.admission.precheck(plan.weight, (plan.decoder.metric_label(plan.params), state.model_name))
     held = body.stream and body.logprobs  # text waits for its log-probabilities (serving/logprob_stream.py)
     return (HeldRunner if held else Runner)(state, plan)
 

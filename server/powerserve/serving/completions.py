@@ -33,7 +33,7 @@ async def _runner(state: ServerState, body: CompletionRequest) -> Runner:
     # so in a worker thread it leaves the event loop (and every other client) free.
     prompts = await asyncio.to_thread(tokenize_prompts, state, body.prompt)
     plan = build_plan(state, body, prompts, body.max_tokens, body.logprobs)
-    state.admission.precheck(plan.weight, (plan.decoder.name, state.model_name))
+    state.admission.precheck(plan.weight, (plan.decoder.metric_label(plan.params), state.model_name))
     held = body.stream and body.logprobs is not None  # text waits for its log-probabilities
     return (HeldRunner if held else Runner)(state, plan)
 

@@ -52,8 +52,12 @@ class Plan:
 def resolve_model(state: ServerState, model: str, decoder: str | DecoderChoice | None) -> tuple[str, dict[str, Any]]:
     """Return (decoder name, raw decoder parameters) from the model alias and the decoder field."""
     alias_decoder: str | None = None
+    alias_raw: dict[str, Any] = {}
     if model != state.model_name:
         base, sep, suffix = model.rpartition(":")
+        student_base, _, decoder_name = base.rpartition(":")
+        if decoder_name == "distilled" and student_base == state.model_name:  # <model>:distilled:NAME
+            base, suffix, alias_raw = student_base, decoder_name, {"student": suffix}
         if not sep or base != state.model_name:
             raise NotFoundError(
                 f"The model '{model}' does not exist. Served: '{state.model_name}', or "
@@ -71,7 +75,12 @@ def resolve_model(state: ServerState, model: str, decoder: str | DecoderChoice |
             f"The model alias selects decoder '{alias_decoder}' but the request's decoder is '{name}'.",
             param="decoder",
         )
-    return name, raw
+    if "student" in alias_raw and raw.get("student", alias_raw["student"]) != alias_raw["student"]:
+        raise BadRequestError(
+            f"The model alias selects student '{alias_raw['student']}' but the request's is '{raw['student']}'.",
+            param="decoder.student",
+        )
+    return name, {**alias_raw, **raw}
 
 
 def resolve_decoder(state: ServerState, name: str, raw: dict[str, Any]) -> tuple[Decoder, DecoderParams]:

@@ -116,7 +116,7 @@ class Runner:
 
     @property
     def labels(self) -> tuple[str, str]:
-        return (self.plan.decoder.name, self.state.model_name)
+        return (self.plan.decoder.metric_label(self.plan.params), self.state.model_name)
 
     async def run(self) -> Outcome:
         """Admit (or queue, or refuse), decode every choice within the deadline, account.
