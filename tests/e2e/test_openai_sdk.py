@@ -185,7 +185,7 @@ def test_hanging_up_on_a_chain_cancels_it(server: Server, model: str) -> None:
         "model": model,
         "prompt": "Tell me a story.",
         "max_tokens": 256,
-        "decoder": {"name": "power_mcmc", "block_size": 64, "mcmc_steps": 50},
+        "decoder": {"name": "power_mcmc", "block_size": 64, "mcmc_steps": 50, "proposals": 1},
     }
     labels = {"decoder": "power_mcmc", "outcome": "cancelled"}
     before = counter(server, "powerserve_requests", labels)

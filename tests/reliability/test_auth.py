@@ -56,9 +56,19 @@ def test_operational_routes_stay_open(engine: Any, path: str) -> None:
         assert client.get(path).status_code == 200
 
 
+# vLLM's tokenizer routes serve the model like /v1 does, so they ask for the key too (README).
+TOKENIZER_ROUTES = {"/tokenize", "/detokenize", "/tokenizer_info"}
+
+
 def test_every_route_outside_v1_is_open(engine: Any) -> None:
-    """No route outside /v1 asks for the key (so probes and scrapers need none)."""
+    """No route outside /v1 and the tokenizer routes asks for the key (so probes and scrapers
+    need none); the tokenizer routes do."""
     with make_client(engine, api_key=KEY) as client:
+        seen = set()
         for method, path in routes(client.app):
-            if not path.startswith("/v1/") and method == "GET":
+            if path in TOKENIZER_ROUTES:
+                seen.add(path)
+                assert client.request(method, path, json={}).status_code == 401, path
+            elif not path.startswith("/v1/") and method == "GET":
                 assert client.get(path).status_code == 200, path
+        assert seen == TOKENIZER_ROUTES
