@@ -63,7 +63,7 @@ SETTLE_S = 15.0  # how long the server may take to wind down the dropped request
 # the decoder is left out, and an unknown decoder runs with its defaults.
 CHEAP_PARAMS: dict[str, dict[str, Any]] = {
     "temperature": {"alpha": 4},
-    "power_mcmc": {"alpha": 4, "block_size": 8, "mcmc_steps": 2},
+    "power_mcmc": {"alpha": 4, "block_size": 8, "mcmc_steps": 2, "proposals": 2},
     "power_smc": {"alpha": 4, "particles": 4, "resample_interval": 4, "ramp_tokens": 4},
     "power_lookahead": {"alpha": 4, "top_k": 2, "rollouts": 2, "block_size": 4, "rollout_tokens": 4},
 }
