@@ -25,15 +25,20 @@ def tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(ensure_embedded_checkpoint())
 
 
-@pytest.fixture(scope="session")
-def engine(tokenizer: Any) -> TorchEngine:
-    model = make_tiny_llama(
+def tiny_serving_model(tokenizer: Any) -> Any:
+    """The tiny random Llama the serving tests run on, with the embedded model's vocabulary."""
+    return make_tiny_llama(
         vocab_size=len(tokenizer),
         eos_token_id=tokenizer.eos_token_id,
         hidden_size=16,
         max_position_embeddings=MAX_MODEL_LEN,
         logit_scale=3.0,
     )
+
+
+@pytest.fixture(scope="session")
+def engine(tokenizer: Any) -> TorchEngine:
+    model = tiny_serving_model(tokenizer)
     return TorchEngine(
         model,
         tokenizer,

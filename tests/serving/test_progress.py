@@ -22,9 +22,8 @@ from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams
 from powerserve.engine.base import EngineStats, SamplingSpec, TokenStep
 from powerserve.engine.torch_engine import TorchEngine
 from powerserve.serving.streaming import PROGRESS_PREFIX
-from tests.serving.conftest import MAX_MODEL_LEN, MODEL, make_client
+from tests.serving.conftest import MAX_MODEL_LEN, MODEL, make_client, tiny_serving_model
 from tests.tabular_engine import TabularEngine
-from tests.tiny_model import make_tiny_llama
 
 FAST = {"progress_interval_s": 0.02}
 
@@ -147,13 +146,7 @@ class SlowEngine(TorchEngine):
 
 @pytest.fixture(scope="module")
 def slow_engine(tokenizer: Any) -> SlowEngine:
-    model = make_tiny_llama(
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        hidden_size=16,
-        max_position_embeddings=MAX_MODEL_LEN,
-        logit_scale=3.0,
-    )
+    model = tiny_serving_model(tokenizer)
     eos = frozenset([tokenizer.eos_token_id])
     return SlowEngine(model, tokenizer, model_name=MODEL, max_model_len=MAX_MODEL_LEN, eos_token_ids=eos)
 
