@@ -34,18 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from bench_overhead import PROMPTS  # the same prompts as the serving-overhead benchmark
 from soak import ServerProcess  # benchmarks/soak.py, beside this script
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain why the sky is blue.",
-    "List five uses of a paperclip.",
-    "What is the difference between a virus and a bacterium?",
-    "Describe a walk through a forest in autumn.",
-    "Give three tips for learning a new language.",
-    "Why do cats purr?",
-    "Summarise the plot of a detective novel you invent.",
-]
 CONCURRENCY = (1, 8)
 
 
