@@ -121,10 +121,6 @@ class _Candidate:
     log_base: float
 
 
-def _add(stats: EngineStats, key: str, value: float) -> None:
-    stats.extra[key] = stats.extra.get(key, 0.0) + value
-
-
 _COUNTERS = (
     "steps",
     "candidates",
@@ -180,7 +176,7 @@ class PowerLookaheadDecoder(Decoder):
         rng = np.random.default_rng(request.seed)
         eos = self.engine.eos_token_ids
         for key in _COUNTERS:
-            _add(stats, key, 0)
+            stats.add(key, 0)
         output: list[int] = []
         while len(output) < request.max_tokens and not (output and output[-1] in eos):
             context = [*request.prompt_ids, *output]
@@ -199,9 +195,9 @@ class PowerLookaheadDecoder(Decoder):
             index = int(rng.choice(len(candidates), p=probs))
             chosen = candidates[index]
             logq = (math.log(probs[index]),) if params.block_size == 1 else chosen.logq
-            _add(stats, "steps", 1)
-            _add(stats, "candidates", len(candidates))
-            _add(stats, "tokens_accepted", len(chosen.token_ids))
+            stats.add("steps", 1)
+            stats.add("candidates", len(candidates))
+            stats.add("tokens_accepted", len(chosen.token_ids))
             output.extend(chosen.token_ids)
             for tok, lq, lp in zip(chosen.token_ids, logq, chosen.logp, strict=True):
                 yield TokenStep(token_id=tok, logq=lq, logp=lp)
@@ -241,8 +237,8 @@ class PowerLookaheadDecoder(Decoder):
         for d in draws:
             key = tuple(d.token_ids)
             merged[key] = (d, merged[key][1] + 1 if key in merged else 1)
-        _add(stats, "candidate_tokens", sum(len(d.token_ids) for d in draws))
-        _add(stats, "tokens_proposed", sum(len(d.token_ids) for d in draws))
+        stats.add("candidate_tokens", sum(len(d.token_ids) for d in draws))
+        stats.add("tokens_proposed", sum(len(d.token_ids) for d in draws))
         return [
             _Candidate(
                 key,
@@ -276,9 +272,9 @@ class PowerLookaheadDecoder(Decoder):
         for (i, j, _, _), cont in zip(jobs, results, strict=True):
             future[i, j] = math.fsum(cont.logp)
         tokens = sum(len(cont.token_ids) for cont in results)
-        _add(stats, "rollouts", len(jobs))
-        _add(stats, "rollout_tokens", tokens)
-        _add(stats, "tokens_proposed", tokens)
+        stats.add("rollouts", len(jobs))
+        stats.add("rollout_tokens", tokens)
+        stats.add("tokens_proposed", tokens)
         return future
 
 

@@ -83,10 +83,6 @@ class _Chain:
         self.logq[i:] = suffix.logq
 
 
-def _add(stats: EngineStats, key: str, value: float) -> None:
-    stats.extra[key] = stats.extra.get(key, 0.0) + value
-
-
 # Counters in ``stats.extra``. "proposals" counts MH steps (move attempts, each with K
 # candidates), "accepted_proposals" the steps that moved the chain, so the serving layer's
 # acceptance_rate = accepted_proposals / proposals is the probability that a step moves.
@@ -155,7 +151,7 @@ class PowerMcmcDecoder(Decoder):
         chain = _Chain()
         limits = block_limits(request.max_tokens, params.block_size)
         for key in _COUNTERS:
-            _add(stats, key, 0)
+            stats.add(key, 0)
         stats.extra["blocks_total"] = len(limits)
         stats.extra["mh_steps_total"] = len(limits) * params.mcmc_steps
 
@@ -164,11 +160,11 @@ class PowerMcmcDecoder(Decoder):
             if not _ended(engine, chain.token_ids) and len(chain.token_ids) < limit:
                 ext = await _propose(engine, request.prompt_ids, chain.token_ids, limit, params, extension_seed, stats)
                 chain.replace_suffix(len(chain.token_ids), ext)
-                _add(stats, "tokens_proposed", len(ext.token_ids))
-                _add(stats, "tokens_accepted", len(ext.token_ids))
+                stats.add("tokens_proposed", len(ext.token_ids))
+                stats.add("tokens_accepted", len(ext.token_ids))
             for _ in range(params.mcmc_steps):
                 await self._step(request, chain, limit, rng, stats)
-            _add(stats, "blocks_done", 1)
+            stats.add("blocks_done", 1)
             if _ended(engine, chain.token_ids):
                 break
         stats.extra["blocks_total"] = stats.extra["blocks_done"]
@@ -208,15 +204,15 @@ class PowerMcmcDecoder(Decoder):
         keys = [tuple(chain.token_ids[i:]), *(tuple(c.token_ids) for c in candidates)]
         j = multi_proposal.choose(weights, keys, u_propose, u_accept)
 
-        _add(stats, "proposals", 1)
-        _add(stats, "candidates", len(candidates))
-        _add(stats, "tokens_proposed", sum(len(c.token_ids) for c in candidates))
+        stats.add("proposals", 1)
+        stats.add("candidates", len(candidates))
+        stats.add("tokens_proposed", sum(len(c.token_ids) for c in candidates))
         if j > 0:
             chain.replace_suffix(i, candidates[j - 1])
-            _add(stats, "accepted_proposals", 1)
-            _add(stats, "tokens_accepted", len(candidates[j - 1].token_ids))
+            stats.add("accepted_proposals", 1)
+            stats.add("tokens_accepted", len(candidates[j - 1].token_ids))
         stats.extra["acceptance_rate"] = stats.extra["accepted_proposals"] / stats.extra["proposals"]
-        _add(stats, "mh_steps_done", 1)
+        stats.add("mh_steps_done", 1)
 
 
 def _ended(engine: Engine, token_ids: Sequence[int]) -> bool:

@@ -141,10 +141,6 @@ def _decided_steps(particles: Sequence[_Particle], start: int) -> list[TokenStep
     return [TokenStep(token_id=first.token_ids[i], logq=first.logq[i], logp=first.logp[i]) for i in range(start, k)]
 
 
-def _add(stats: EngineStats, key: str, value: float) -> None:
-    stats.extra[key] = stats.extra.get(key, 0.0) + value
-
-
 class PowerSmcDecoder(Decoder):
     name = "power_smc"
     description = (
@@ -205,8 +201,8 @@ class PowerSmcDecoder(Decoder):
         n, limit = params.particles, request.max_tokens
         ramp = min(params.ramp_tokens, limit)
         for key in ("particles", "resamples", "restarts", "ess_checks", "tokens_proposed"):
-            _add(stats, key, 0)
-        _add(stats, "particles", n)
+            stats.add(key, 0)
+        stats.add("particles", n)
         ess_min = 1.0
 
         particles = [_Particle() for _ in range(n)]
@@ -235,7 +231,7 @@ class PowerSmcDecoder(Decoder):
                 logw = np.array([p.target(alpha_t) - p.base for p in particles])
                 ess = effective_sample_size(logw)
                 ess_min = min(ess_min, ess / n)
-                _add(stats, "ess_checks", 1)
+                stats.add("ess_checks", 1)
                 if ess < params.ess_threshold * n:
                     particles = await self._resample(particles, normalise(logw), alpha_t, request, rng, stats)
 
@@ -246,7 +242,7 @@ class PowerSmcDecoder(Decoder):
                 with contextlib.suppress(Exception):
                     await p.close()
         stats.extra["ess_min"] = ess_min
-        _add(stats, "tokens_accepted", len(chosen.token_ids))
+        stats.add("tokens_accepted", len(chosen.token_ids))
         assert chosen.token_ids[: len(decided)] == [s.token_id for s in decided], "a decided token changed"
         start = len(decided) if self.stream_prefix else 0  # off: the chosen particle's own steps
         for tok, lq, lp in zip(chosen.token_ids[start:], chosen.logq[start:], chosen.logp[start:], strict=True):
@@ -275,7 +271,7 @@ class PowerSmcDecoder(Decoder):
                 p.done = True
                 break
             p.append(step)
-            _add(stats, "tokens_proposed", 1)
+            stats.add("tokens_proposed", 1)
             if step.token_id in self.engine.eos_token_ids:
                 p.done = True
                 break
@@ -321,9 +317,9 @@ class PowerSmcDecoder(Decoder):
             child = p.copy()
             if not child.done:
                 self._start(child, request, rng, stats)
-                _add(stats, "restarts", 1)
+                stats.add("restarts", 1)
             population.append(child)
         for p in population:
             p.base = p.target(alpha_t)
-        _add(stats, "resamples", 1)
+        stats.add("resamples", 1)
         return population

@@ -81,6 +81,10 @@ class EngineStats:
     tokens_scored: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 
+    def add(self, key: str, value: float) -> None:
+        """Add ``value`` to the counter ``extra[key]`` (created at 0)."""
+        self.extra[key] = self.extra.get(key, 0.0) + value
+
 
 class Engine(abc.ABC):
     """A loaded model that can sample continuations of token ids and score tokens.

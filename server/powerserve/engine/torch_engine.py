@@ -182,8 +182,8 @@ class TorchEngine(Engine):
                     raise item
                 step, batch_rows = item
                 if i == 0:
-                    _add(stats, "prefix_cache_hit_tokens", row.reused)
-                _add(stats, "batched_rows", batch_rows)
+                    stats.add("prefix_cache_hit_tokens", row.reused)
+                stats.add("batched_rows", batch_rows)
                 stats.tokens_generated += 1
                 yield step
                 if step.token_id in self.eos_token_ids:
@@ -244,7 +244,7 @@ class TorchEngine(Engine):
         if not tokens:
             return []
         result, reused = await self._on_worker(self._raw_on_worker, prompt, tokens, reduce)
-        _add(stats, "prefix_cache_hit_tokens", reused)
+        stats.add("prefix_cache_hit_tokens", reused)
         return result
 
     @torch.inference_mode()
@@ -261,7 +261,3 @@ class TorchEngine(Engine):
             raise ValueError(
                 f"prompt ({prompt_len}) + new tokens ({new_tokens}) exceeds max_model_len ({self.max_model_len})"
             )
-
-
-def _add(stats: EngineStats, key: str, value: float) -> None:
-    stats.extra[key] = stats.extra.get(key, 0.0) + value
