@@ -6,19 +6,37 @@ yields only *final* tokens, in order: a decoder that cannot know its answer unti
 goes, which is what makes true token-by-token streaming possible. Stop strings, detokenising,
 self-reward scoring, usage and metrics are done once, by serving, for every decoder.
 
-Adding a decoder means adding a file with a subclass and one entry in ``registry.py``.
+Adding a decoder means adding a file with a subclass and one entry in ``registry.py``; no
+other module names a decoder (``tests/test_import_graph.py`` checks it). Serving builds every
+decoder through :meth:`Decoder.build` from one :class:`DecoderContext`.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict
 
 from powerserve.engine.base import Engine, EngineStats, TokenStep
+from powerserve.engine.factory import StudentEngines
+from powerserve.settings import Settings
+
+
+class UnavailableDecoder(RuntimeError):
+    """A decoder that cannot run with this server's configuration (the message says how to fix it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderContext:
+    """Everything a decoder may be built from: the base engine, the settings, and the extra
+    engines started beside it (the ``--distilled`` students, with why any failed to load)."""
+
+    engine: Engine
+    settings: Settings = field(default_factory=Settings)
+    students: StudentEngines = field(default_factory=StudentEngines)
 
 
 class DecoderParams(BaseModel):
@@ -54,9 +72,23 @@ class Decoder(abc.ABC):
     description: ClassVar[str]
     params_model: ClassVar[type[DecoderParams]]
     streams_tokens: ClassVar[bool]  # True: tokens are yielded as soon as they are sampled
+    # Parameters that make a request cheap (a few engine tokens): what soak, fuzz and hostile
+    # tests send; published on the decoder's /v1/decoders card.
+    cheap_params: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+
+    @classmethod
+    def build(cls, ctx: DecoderContext) -> Self:
+        """The decoder this server serves; raises :class:`UnavailableDecoder` (with how to fix
+        it) when the configuration cannot serve it. The default needs only the engine."""
+        return cls(ctx.engine)
+
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """Named variants a model alias ``<model>:<decoder>:<variant>`` selects, default first,
+        with what their cards show (``distilled``: its students). Most decoders have none."""
+        return {}
 
     def expected_cost(self, params: DecoderParams, max_tokens: int) -> float:
         """Upper estimate of engine tokens (generated + scored) one sequence may spend.

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, Literal, cast
+from typing import Any, Literal, Self
 
 from pydantic import Field, create_model
 
-from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams
+from powerserve.decoders.base import Decoder, DecoderContext, DecodeRequest, DecoderParams, UnavailableDecoder
 from powerserve.decoders.standard import openai_spec
 from powerserve.distill.students import StudentSpec
 from powerserve.engine.base import Engine, EngineStats, TokenStep
@@ -64,28 +64,29 @@ class DistilledDecoder(Decoder):
         return self.students[self.default][1]
 
     @classmethod
-    def from_settings(cls, engine: Engine, settings: Any, **extra: Any) -> DistilledDecoder:
-        """Needs ``extra['distilled_students']`` (started by :func:`start_students`).
+    def build(cls, ctx: DecoderContext) -> Self:
+        """Serves the students loaded beside the engine (:func:`~powerserve.engine.factory.start_students`).
 
         The parameters model is made per server: ``student`` is a ``Literal`` of the loaded
         names, so an unknown one is a 400 that lists the valid ones.
         """
-        # Imported here: serving imports the registry, which imports this module.
-        from powerserve.serving.state import UnavailableDecoder
-
-        if not settings.distilled:
+        if not ctx.settings.distilled:
             raise UnavailableDecoder(HOW_TO_MAKE_ONE)
-        students: dict[str, tuple[StudentSpec, Engine]] = extra.get("distilled_students") or {}
+        students = ctx.students.engines
         if not students:
-            raise UnavailableDecoder(extra.get("distilled_error") or "no distilled student was loaded")
+            raise UnavailableDecoder(ctx.students.error or "no distilled student was loaded")
         choice: Any = Literal.__getitem__(tuple(students))
         params = create_model(
             "DistilledParams",
             __base__=DistilledParams,
             student=(choice | None, Field(None, description=DistilledParams.model_fields["student"].description)),
         )
-        per_server = type(cls.__name__, (cls,), {"params_model": params})
-        return cast(DistilledDecoder, per_server(engine, students))
+        per_server: type[Self] = type(cls.__name__, (cls,), {"params_model": params})
+        return per_server(ctx.engine, dict(students))
+
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """The students (``<model>:distilled:NAME``), default first, with their cards."""
+        return {name: spec.card() for name, (spec, _) in self.students.items()}
 
     def student_for(self, params: DecoderParams) -> str:
         return getattr(params, "student", None) or self.default

@@ -40,7 +40,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
@@ -141,6 +141,13 @@ class PowerLookaheadDecoder(Decoder):
     )
     params_model = PowerLookaheadParams
     streams_tokens = True
+    cheap_params: ClassVar[dict[str, Any]] = {
+        "alpha": 4,
+        "top_k": 2,
+        "rollouts": 2,
+        "block_size": 4,
+        "rollout_tokens": 4,
+    }
 
     def expected_cost(self, params: DecoderParams, max_tokens: int) -> float:
         """Upper bound on engine tokens (generated + scored) for one sequence.

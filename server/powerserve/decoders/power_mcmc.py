@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
@@ -106,6 +107,7 @@ class PowerMcmcDecoder(Decoder):
     )
     params_model = PowerMcmcParams
     streams_tokens = False
+    cheap_params: ClassVar[dict[str, Any]] = {"alpha": 4, "block_size": 8, "mcmc_steps": 2, "proposals": 2}
 
     def expected_cost(self, params: DecoderParams, max_tokens: int) -> float:
         """Upper bound on engine tokens (generated + scored) for one chain, in closed form.

@@ -26,6 +26,7 @@ import contextlib
 import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
@@ -150,6 +151,7 @@ class PowerSmcDecoder(Decoder):
     )
     params_model = PowerSmcParams
     streams_tokens = False  # only the decided prefix streams, not every sampled token
+    cheap_params: ClassVar[dict[str, Any]] = {"alpha": 4, "particles": 4, "resample_interval": 4, "ramp_tokens": 4}
 
     def __init__(self, engine: Engine, stream_prefix: bool = True) -> None:
         """``stream_prefix=False`` holds every token back to the end (the same tokens, later)."""

@@ -8,6 +8,7 @@ normalisers Z_t differ between continuations (see research.md).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -24,6 +25,7 @@ class TemperatureDecoder(Decoder):
     description = "Token-level sampling at temperature 1/alpha (no truncation); ignores temperature/top_p/top_k."
     params_model = TemperatureParams
     streams_tokens = True
+    cheap_params: ClassVar[dict[str, Any]] = {"alpha": 4}
 
     def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
         assert isinstance(request.params, TemperatureParams)
