@@ -20,9 +20,13 @@ from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict
 
-from powerserve.engine.base import Engine, EngineStats, TokenStep
+from powerserve.engine.base import Engine, EngineStats, SamplingSpec, TokenStep
 from powerserve.engine.factory import StudentEngines
 from powerserve.settings import Settings
+
+# OpenAI's temperature 0 means greedy; the engines sample, so 0 maps to a temperature low
+# enough that the arg-max token wins with overwhelming probability.
+GREEDY_TEMPERATURE = 1e-4
 
 
 class UnavailableDecoder(RuntimeError):
@@ -63,6 +67,17 @@ class DecodeRequest:
     seed: int | None
     sampling: OpenAISampling
     params: DecoderParams
+
+    def openai_spec(self) -> SamplingSpec:
+        """The engine sampling spec for the request's OpenAI parameters (temperature 0: greedy)."""
+        s = self.sampling
+        return SamplingSpec(
+            max_tokens=self.max_tokens,
+            temperature=s.temperature if s.temperature > 0 else GREEDY_TEMPERATURE,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            seed=self.seed,
+        )
 
 
 class Decoder(abc.ABC):

@@ -24,7 +24,6 @@ from typing import Any, Literal, Self
 from pydantic import Field, create_model
 
 from powerserve.decoders.base import Decoder, DecoderContext, DecodeRequest, DecoderParams, UnavailableDecoder
-from powerserve.decoders.standard import openai_spec
 from powerserve.distill.students import StudentSpec
 from powerserve.engine.base import Engine, EngineStats, TokenStep
 
@@ -97,5 +96,5 @@ class DistilledDecoder(Decoder):
 
     async def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
         student = self.students[self.student_for(request.params)][1]
-        async for step in student.generate(request.prompt_ids, openai_spec(request), stats):
+        async for step in student.generate(request.prompt_ids, request.openai_spec(), stats):
             yield TokenStep(step.token_id, step.logq, None)  # None: serving scores it under the base
