@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -49,6 +49,9 @@ class DecoderParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+P = TypeVar("P", bound=DecoderParams)
+
+
 @dataclass(frozen=True, slots=True)
 class OpenAISampling:
     """The OpenAI sampling fields of a request (honoured by ``standard``)."""
@@ -59,14 +62,18 @@ class OpenAISampling:
 
 
 @dataclass(frozen=True, slots=True)
-class DecodeRequest:
-    """One sequence to decode. ``n > 1`` requests become n of these with distinct seeds."""
+class DecodeRequest(Generic[P]):
+    """One sequence to decode. ``n > 1`` requests become n of these with distinct seeds.
+
+    ``params`` is an instance of the decoder's ``params_model`` (serving validates it with that
+    model), so a ``Decoder[P]`` reads ``request.params`` as its own ``P``.
+    """
 
     prompt_ids: tuple[int, ...]
     max_tokens: int
     seed: int | None
     sampling: OpenAISampling
-    params: DecoderParams
+    params: P
 
     def openai_spec(self) -> SamplingSpec:
         """The engine sampling spec for the request's OpenAI parameters (temperature 0: greedy)."""
@@ -80,12 +87,13 @@ class DecodeRequest:
         )
 
 
-class Decoder(abc.ABC):
-    """A decoding method. Instances are shared by all requests: keep no per-request state."""
+class Decoder(abc.ABC, Generic[P]):
+    """A decoding method with parameters ``P``. Instances are shared by all requests: keep no
+    per-request state. Serving, which holds decoders of every kind, sees ``Decoder[Any]``."""
 
     name: ClassVar[str]
     description: ClassVar[str]
-    params_model: ClassVar[type[DecoderParams]]
+    params_model: type[P]  # set on the class; validates a request's parameters into a P
     streams_tokens: ClassVar[bool]  # True: tokens are yielded as soon as they are sampled
     # Parameters that make a request cheap (a few engine tokens): what soak, fuzz and hostile
     # tests send; published on the decoder's /v1/decoders card.
@@ -105,20 +113,20 @@ class Decoder(abc.ABC):
         with what their cards show (``distilled``: its students). Most decoders have none."""
         return {}
 
-    def expected_cost(self, params: DecoderParams, max_tokens: int) -> float:
+    def expected_cost(self, params: P, max_tokens: int) -> float:
         """Upper estimate of engine tokens (generated + scored) one sequence may spend.
 
         Used for the server's per-request ceiling and for cost-weighted admission.
         """
         return float(max_tokens)
 
-    def metric_label(self, params: DecoderParams) -> str:
+    def metric_label(self, params: P) -> str:
         """The ``decoder`` label of this request's metrics (the name, unless a decoder serves
         several fixed variants that deserve their own series)."""
         return self.name
 
     @abc.abstractmethod
-    def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
+    def decode(self, request: DecodeRequest[P], stats: EngineStats) -> AsyncIterator[TokenStep]:
         """Yield the output tokens of ``request`` in order, each final once yielded.
 
         Every engine call made on the request's behalf is counted in ``stats``; the last token

@@ -42,7 +42,7 @@ class DistilledParams(DecoderParams):
     student: str | None = Field(None, description="the student's name (GET /v1/decoders lists them)")
 
 
-class DistilledDecoder(Decoder):
+class DistilledDecoder(Decoder[DistilledParams]):
     name = "distilled"
     description = (
         "Samples from a power-self-distilled student (--distilled [NAME=]PATH) at standard cost; honours "
@@ -87,14 +87,14 @@ class DistilledDecoder(Decoder):
         """The students (``<model>:distilled:NAME``), default first, with their cards."""
         return {name: spec.card() for name, (spec, _) in self.students.items()}
 
-    def student_for(self, params: DecoderParams) -> str:
-        return getattr(params, "student", None) or self.default
+    def student_for(self, params: DistilledParams) -> str:
+        return params.student or self.default
 
-    def metric_label(self, params: DecoderParams) -> str:
+    def metric_label(self, params: DistilledParams) -> str:
         """``distilled:NAME``: each student is its own series (bounded by the --distilled list)."""
         return f"{self.name}:{self.student_for(params)}"
 
-    async def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
+    async def decode(self, request: DecodeRequest[DistilledParams], stats: EngineStats) -> AsyncIterator[TokenStep]:
         student = self.students[self.student_for(request.params)][1]
         async for step in student.generate(request.prompt_ids, request.openai_spec(), stats):
             yield TokenStep(step.token_id, step.logq, None)  # None: serving scores it under the base

@@ -12,11 +12,11 @@ class StandardParams(DecoderParams):
     """``standard`` has no parameters of its own: it honours temperature, top_p, top_k."""
 
 
-class StandardDecoder(Decoder):
+class StandardDecoder(Decoder[StandardParams]):
     name = "standard"
     description = "Ordinary sampling from the model; honours temperature, top_p and top_k."
     params_model = StandardParams
     streams_tokens = True
 
-    def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
+    def decode(self, request: DecodeRequest[StandardParams], stats: EngineStats) -> AsyncIterator[TokenStep]:
         return self.engine.generate(request.prompt_ids, request.openai_spec(), stats)

@@ -18,7 +18,7 @@ class ServerState:
     settings: Settings
     engine: Engine
     model_name: str
-    decoders: dict[str, Decoder] = field(default_factory=dict)
+    decoders: dict[str, Decoder[Any]] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)  # decoder name -> why
     admission: Admission = field(default_factory=lambda: Admission(1, 0))
 
