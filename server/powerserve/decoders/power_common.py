@@ -52,5 +52,6 @@ def start_counters(stats: EngineStats, names: Iterable[str]) -> None:
 
 
 def final_steps(token_ids: Sequence[int], logq: Sequence[float], logp: Sequence[float | None]) -> list[TokenStep]:
-    """The tokens of a decided answer, in order: what a decoder yields at its end."""
+    """Decided tokens as steps, in order: what a decoder yields once they are final (the whole
+    answer at the end, or a chosen block)."""
     return [TokenStep(token_id=t, logq=q, logp=p) for t, q, p in zip(token_ids, logq, logp, strict=True)]

@@ -46,7 +46,7 @@ import numpy as np
 from pydantic import Field
 
 from powerserve.decoders.base import Decoder, DecodeRequest
-from powerserve.decoders.power_common import PowerParams, engine_seed, proposal_spec, start_counters
+from powerserve.decoders.power_common import PowerParams, engine_seed, final_steps, proposal_spec, start_counters
 from powerserve.engine.base import Continuation, EngineStats, SamplingSpec, TokenStep
 
 
@@ -202,8 +202,8 @@ class PowerLookaheadDecoder(Decoder[PowerLookaheadParams]):
             stats.add("candidates", len(candidates))
             stats.add("tokens_accepted", len(chosen.token_ids))
             output.extend(chosen.token_ids)
-            for tok, lq, lp in zip(chosen.token_ids, logq, chosen.logp, strict=True):
-                yield TokenStep(token_id=tok, logq=lq, logp=lp)
+            for step in final_steps(chosen.token_ids, logq, chosen.logp):
+                yield step
 
     # --- steps of decode ----------------------------------------------------------------------
 
