@@ -59,14 +59,6 @@ PLATEAU_CHUNK_S = 5.0
 PLATEAU_TOLERANCE = 0.02  # growth over one chunk below which memory counts as settled
 SETTLE_S = 15.0  # how long the server may take to wind down the dropped requests' work
 
-# Cheap settings for the decoders this script knows; a parameter the server does not list for
-# the decoder is left out, and an unknown decoder runs with its defaults.
-CHEAP_PARAMS: dict[str, dict[str, Any]] = {
-    "temperature": {"alpha": 4},
-    "power_mcmc": {"alpha": 4, "block_size": 8, "mcmc_steps": 2, "proposals": 2},
-    "power_smc": {"alpha": 4, "particles": 4, "resample_interval": 4, "ramp_tokens": 4},
-    "power_lookahead": {"alpha": 4, "top_k": 2, "rollouts": 2, "block_size": 4, "rollout_tokens": 4},
-}
 PROMPTS = [
     "The capital of France is",
     "Write a haiku about the sea.",
@@ -256,8 +248,9 @@ def decoder_bodies(listing: dict[str, Any]) -> dict[str, Any]:
         if not card.get("available", True):
             continue
         name = card["name"]
+        # Each decoder's cheap parameters come from its card; a server without them runs defaults.
         known = set(card.get("parameters", {}).get("properties", {}))
-        params = {k: v for k, v in CHEAP_PARAMS.get(name, {}).items() if k in known}
+        params = {k: v for k, v in (card.get("cheap_params") or {}).items() if k in known}
         out[name] = {"name": name, **params} if params else name
     return out
 

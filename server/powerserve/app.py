@@ -52,33 +52,27 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from powerserve.distill.students import lora_modules, lora_rank, read_specs, start_students
-        from powerserve.engine.factory import served_checkpoint, start_engine
+        from powerserve.engine.factory import StudentEngines, lora_args, read_students, start_engine, start_students
 
         owned = engine is None
-        # The 'distilled' decoder's students, checked before the engine starts (an adapter for
-        # another base stops the start-up); LoRA adapters size the vLLM engine's LoRA slots.
-        specs = read_specs(settings.distilled, lambda: served_checkpoint(settings))
-        adapters = sum(1 for s in specs if s.kind == "lora")
-        lora: dict[str, Any] = {"max_loras": adapters, "max_lora_rank": lora_rank(specs) or 16}
-        lora["lora_target_modules"] = lora_modules(specs)
-        eng = engine if engine is not None else await start_engine(settings, **lora)
-        students: list[Engine] = []
-        extra: dict[str, Any] = {}
+        # The students (--distilled), checked before the engine starts (an adapter for another
+        # base stops the start-up); LoRA adapters size the vLLM engine's LoRA slots.
+        specs = read_students(settings)
+        eng = engine if engine is not None else await start_engine(settings, **lora_args(specs))
+        students = StudentEngines()
         try:
             if specs:
-                students, extra = await start_students(specs, settings, eng)
+                students = await start_students(specs, settings, eng)
         except BaseException:
             if owned:
                 await eng.shutdown()
             raise
-        app.state.powerserve = ServerState.build(settings, eng, settings.served_model_name or eng.model_name, extra)
+        app.state.powerserve = ServerState.build(settings, eng, settings.served_model_name or eng.model_name, students)
         log.info("serving %s on the %s engine", app.state.powerserve.model_name, eng.name)
         try:
             yield
         finally:
-            for student in students:
-                await student.shutdown()
+            await students.shutdown()
             if owned:
                 await eng.shutdown()
 
@@ -145,8 +139,9 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
     async def list_models(state: State) -> ModelList:
         names = [state.model_name] + [f"{state.model_name}:{d}" for d in state.decoders]
         cards = [ModelCard(id=n) for n in names]
-        for student in _students(state):  # '<model>:distilled:NAME' aliases
-            cards.append(ModelCard(id=f"{state.model_name}:distilled:{student.name}", student=student))
+        for name, decoder in state.decoders.items():  # '<model>:<decoder>:<variant>' aliases (students)
+            for variant, card in decoder.variants().items():
+                cards.append(ModelCard(id=f"{state.model_name}:{name}:{variant}", student=StudentCard(**card)))
         return ModelList(data=cards)
 
     @app.get("/v1/decoders", dependencies=auth, response_model=DecoderList)
@@ -156,7 +151,9 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
 
         for name, cls in DECODERS.items():
             # A served decoder's own parameters model (distilled's lists its students' names).
-            model = state.decoders[name].params_model if name in state.decoders else cls.params_model
+            served = state.decoders.get(name)
+            model = served.params_model if served is not None else cls.params_model
+            variants = [StudentCard(**card) for card in served.variants().values()] if served is not None else []
             defaults = {k: f.default for k, f in model.model_fields.items()}
             cards.append(
                 DecoderCard(
@@ -167,7 +164,8 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
                     defaults=defaults,
                     available=name in state.decoders,
                     unavailable_reason=state.unavailable.get(name),
-                    students=_students(state) if name == "distilled" and name in state.decoders else None,
+                    students=variants or None,
+                    cheap_params=cls.cheap_params,
                 )
             )
         return DecoderList(data=cards)
@@ -187,13 +185,6 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
                 await stream_chat_completion(state, body), media_type="text/event-stream", headers=SSE_HEADERS
             )
         return await create_chat_completion(state, body, request)
-
-
-def _students(state: ServerState) -> list[StudentCard]:
-    """The distilled decoder's students, default first (empty when it is not served)."""
-    decoder = state.decoders.get("distilled")
-    students = getattr(decoder, "students", None) or {}
-    return [StudentCard(**spec.card()) for spec, _ in students.values()]
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -85,8 +85,13 @@ COST_MULTIPLIER = Histogram(
     LABELS,
     buckets=MULTIPLIER_BUCKETS,
 )
-TOKENS_PROPOSED = Counter("powerserve_mcmc_tokens_proposed", "Tokens proposed by MCMC decoders", LABELS)
-TOKENS_ACCEPTED = Counter("powerserve_mcmc_tokens_accepted", "Proposed tokens that MCMC decoders accepted", LABELS)
+# Fed by every decoder that draws from a proposal (power_mcmc, power_smc, power_lookahead).
+TOKENS_PROPOSED = Counter(
+    "powerserve_proposal_tokens_proposed",
+    "Tokens power decoders drew from their proposal (MCMC candidates, SMC particles, lookahead rollouts)",
+    LABELS,
+)
+TOKENS_ACCEPTED = Counter("powerserve_proposal_tokens_accepted", "Proposed tokens that ended up in the answer", LABELS)
 ACCEPTANCE_RATE = Histogram(
     "powerserve_mcmc_acceptance_rate",
     "Share of accepted Metropolis-Hastings proposals, per choice",

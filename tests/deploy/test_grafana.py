@@ -101,6 +101,7 @@ def test_dashboard_covers_latency_cost_quality_and_request_states() -> None:
         "powerserve_engine_tokens_generated_total",
         "powerserve_engine_tokens_scored_total",
         "powerserve_mcmc_acceptance_rate_sum",
+        "powerserve_proposal_tokens_proposed_total",  # every power decoder's proposal work
         "powerserve_self_reward_per_token_bucket",
         "powerserve_requests_running",
         "powerserve_requests_total",  # failed / cancelled

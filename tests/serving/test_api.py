@@ -197,6 +197,7 @@ def test_models_decoders_health_metrics(client: TestClient) -> None:
     decoders = {d["name"]: d for d in client.get("/v1/decoders").json()["data"]}
     assert {"standard", "temperature"} <= set(decoders)
     assert decoders["temperature"]["defaults"] == {"alpha": 4.0}
+    assert decoders["temperature"]["cheap_params"] == {"alpha": 4}  # the decoder's own, published
     assert decoders["temperature"]["parameters"]["properties"]["alpha"]["minimum"] == 1.0
     assert client.get("/health").json() == {"status": "ok"}
     post(client, "/v1/completions", {"model": MODEL, "prompt": "m", "max_tokens": 2, "decoder": "temperature"})

@@ -110,7 +110,7 @@ def test_power_mcmc_metrics(client: TestClient) -> None:
     post(client, "/v1/completions", {"model": MODEL, "prompt": "m", "max_tokens": 6, "decoder": MCMC})
     labels = {"decoder": "power_mcmc", "model": MODEL}
     assert (REGISTRY.get_sample_value("powerserve_mcmc_acceptance_rate_count", labels) or 0) >= 1
-    assert (REGISTRY.get_sample_value("powerserve_mcmc_tokens_proposed_total", labels) or 0) >= 6
+    assert (REGISTRY.get_sample_value("powerserve_proposal_tokens_proposed_total", labels) or 0) >= 6
     assert (REGISTRY.get_sample_value("powerserve_cost_multiplier_count", labels) or 0) >= 1
 
 

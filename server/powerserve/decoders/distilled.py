@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, Literal, cast
+from typing import Any, Literal, Self
 
 from pydantic import Field, create_model
 
-from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams
-from powerserve.decoders.standard import openai_spec
+from powerserve.decoders.base import Decoder, DecoderContext, DecodeRequest, DecoderParams, UnavailableDecoder
 from powerserve.distill.students import StudentSpec
 from powerserve.engine.base import Engine, EngineStats, TokenStep
 
@@ -43,7 +42,7 @@ class DistilledParams(DecoderParams):
     student: str | None = Field(None, description="the student's name (GET /v1/decoders lists them)")
 
 
-class DistilledDecoder(Decoder):
+class DistilledDecoder(Decoder[DistilledParams]):
     name = "distilled"
     description = (
         "Samples from a power-self-distilled student (--distilled [NAME=]PATH) at standard cost; honours "
@@ -64,37 +63,38 @@ class DistilledDecoder(Decoder):
         return self.students[self.default][1]
 
     @classmethod
-    def from_settings(cls, engine: Engine, settings: Any, **extra: Any) -> DistilledDecoder:
-        """Needs ``extra['distilled_students']`` (started by :func:`start_students`).
+    def build(cls, ctx: DecoderContext) -> Self:
+        """Serves the students loaded beside the engine (:func:`~powerserve.engine.factory.start_students`).
 
         The parameters model is made per server: ``student`` is a ``Literal`` of the loaded
         names, so an unknown one is a 400 that lists the valid ones.
         """
-        # Imported here: serving imports the registry, which imports this module.
-        from powerserve.serving.state import UnavailableDecoder
-
-        if not settings.distilled:
+        if not ctx.settings.distilled:
             raise UnavailableDecoder(HOW_TO_MAKE_ONE)
-        students: dict[str, tuple[StudentSpec, Engine]] = extra.get("distilled_students") or {}
+        students = ctx.students.engines
         if not students:
-            raise UnavailableDecoder(extra.get("distilled_error") or "no distilled student was loaded")
+            raise UnavailableDecoder(ctx.students.error or "no distilled student was loaded")
         choice: Any = Literal.__getitem__(tuple(students))
         params = create_model(
             "DistilledParams",
             __base__=DistilledParams,
             student=(choice | None, Field(None, description=DistilledParams.model_fields["student"].description)),
         )
-        per_server = type(cls.__name__, (cls,), {"params_model": params})
-        return cast(DistilledDecoder, per_server(engine, students))
+        per_server: type[Self] = type(cls.__name__, (cls,), {"params_model": params})
+        return per_server(ctx.engine, dict(students))
 
-    def student_for(self, params: DecoderParams) -> str:
-        return getattr(params, "student", None) or self.default
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """The students (``<model>:distilled:NAME``), default first, with their cards."""
+        return {name: spec.card() for name, (spec, _) in self.students.items()}
 
-    def metric_label(self, params: DecoderParams) -> str:
+    def student_for(self, params: DistilledParams) -> str:
+        return params.student or self.default
+
+    def metric_label(self, params: DistilledParams) -> str:
         """``distilled:NAME``: each student is its own series (bounded by the --distilled list)."""
         return f"{self.name}:{self.student_for(params)}"
 
-    async def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
+    async def decode(self, request: DecodeRequest[DistilledParams], stats: EngineStats) -> AsyncIterator[TokenStep]:
         student = self.students[self.student_for(request.params)][1]
-        async for step in student.generate(request.prompt_ids, openai_spec(request), stats):
+        async for step in student.generate(request.prompt_ids, request.openai_spec(), stats):
             yield TokenStep(step.token_id, step.logq, None)  # None: serving scores it under the base

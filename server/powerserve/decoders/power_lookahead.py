@@ -40,20 +40,17 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
 
-from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams
+from powerserve.decoders.base import Decoder, DecodeRequest
+from powerserve.decoders.power_common import PowerParams, engine_seed, final_steps, proposal_spec, start_counters
 from powerserve.engine.base import Continuation, EngineStats, SamplingSpec, TokenStep
 
-# Per-call engine seeds are drawn below this bound: every engine accepts a 31-bit seed.
-_SEED_BOUND = 2**31
 
-
-class PowerLookaheadParams(DecoderParams):
-    alpha: float = Field(4.0, ge=1.0, le=100.0, description="power exponent: the target is p(x)^alpha")
+class PowerLookaheadParams(PowerParams):
     top_k: int = Field(
         8, ge=1, le=64, description="candidates per step: top tokens (block_size 1) or blocks drawn from q"
     )
@@ -132,7 +129,7 @@ _COUNTERS = (
 )
 
 
-class PowerLookaheadDecoder(Decoder):
+class PowerLookaheadDecoder(Decoder[PowerLookaheadParams]):
     name = "power_lookahead"
     description = (
         "Block-wise sampling of the next-block power distribution p^alpha * zeta, the future term zeta "
@@ -141,8 +138,15 @@ class PowerLookaheadDecoder(Decoder):
     )
     params_model = PowerLookaheadParams
     streams_tokens = True
+    cheap_params: ClassVar[dict[str, Any]] = {
+        "alpha": 4,
+        "top_k": 2,
+        "rollouts": 2,
+        "block_size": 4,
+        "rollout_tokens": 4,
+    }
 
-    def expected_cost(self, params: DecoderParams, max_tokens: int) -> float:
+    def expected_cost(self, params: PowerLookaheadParams, max_tokens: int) -> float:
         """Upper bound on engine tokens (generated + scored) for one sequence.
 
         With T = max_tokens, B, K, M, H the parameters and ceil(T/B) steps: every step runs at
@@ -152,13 +156,14 @@ class PowerLookaheadDecoder(Decoder):
 
             ceil(T/B) * K*M*H + (T if B == 1 else 2*K*T)
         """
-        assert isinstance(params, PowerLookaheadParams)
         steps = -(-max_tokens // params.block_size)
         rollouts = steps * params.top_k * params.rollouts * params.rollout_tokens
         candidates = max_tokens if params.block_size == 1 else 2 * params.top_k * max_tokens
         return float(rollouts + candidates)
 
-    async def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
+    async def decode(
+        self, request: DecodeRequest[PowerLookaheadParams], stats: EngineStats
+    ) -> AsyncIterator[TokenStep]:
         """Choose the output block by block, yielding each block once chosen.
 
         While fewer than T = max_tokens tokens are out and the last is not EOS, with b =
@@ -172,11 +177,9 @@ class PowerLookaheadDecoder(Decoder):
            its tokens.
         """
         params = request.params
-        assert isinstance(params, PowerLookaheadParams)
         rng = np.random.default_rng(request.seed)
         eos = self.engine.eos_token_ids
-        for key in _COUNTERS:
-            stats.add(key, 0)
+        start_counters(stats, _COUNTERS)
         output: list[int] = []
         while len(output) < request.max_tokens and not (output and output[-1] in eos):
             context = [*request.prompt_ids, *output]
@@ -199,8 +202,8 @@ class PowerLookaheadDecoder(Decoder):
             stats.add("candidates", len(candidates))
             stats.add("tokens_accepted", len(chosen.token_ids))
             output.extend(chosen.token_ids)
-            for tok, lq, lp in zip(chosen.token_ids, logq, chosen.logp, strict=True):
-                yield TokenStep(token_id=tok, logq=lq, logp=lp)
+            for step in final_steps(chosen.token_ids, logq, chosen.logp):
+                yield step
 
     # --- steps of decode ----------------------------------------------------------------------
 
@@ -228,10 +231,7 @@ class PowerLookaheadDecoder(Decoder):
     ) -> list[_Candidate]:
         """top_k blocks drawn from q; identical ones merged; base log-weight
         log(count) + alpha * S_p - S_q (the importance ratio p^alpha / q)."""
-        spec = [
-            SamplingSpec(max_tokens=length, temperature=1.0 / params.alpha, seed=int(rng.integers(_SEED_BOUND)))
-            for _ in range(params.top_k)
-        ]
+        spec = [proposal_spec(params.alpha, length, engine_seed(rng)) for _ in range(params.top_k)]
         draws = await _gather(self.engine.sample(context, s, stats) for s in spec)
         merged: dict[tuple[int, ...], tuple[Continuation, int]] = {}
         for d in draws:
@@ -267,7 +267,7 @@ class PowerLookaheadDecoder(Decoder):
                 continue
             prefix = [*context, *c.token_ids]
             for j in range(m):
-                jobs.append((i, j, prefix, SamplingSpec(max_tokens=h, seed=int(rng.integers(_SEED_BOUND)))))
+                jobs.append((i, j, prefix, SamplingSpec(max_tokens=h, seed=engine_seed(rng))))
         results = await _gather(self.engine.sample(prefix, spec, stats) for _, _, prefix, spec in jobs)
         for (i, j, _, _), cont in zip(jobs, results, strict=True):
             future[i, j] = math.fsum(cont.logp)

@@ -15,23 +15,28 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
 
 from powerserve.decoders import multi_proposal
-from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams
+from powerserve.decoders.base import Decoder, DecodeRequest
 from powerserve.decoders.multi_proposal import log_acceptance, log_weight
-from powerserve.engine.base import Continuation, Engine, EngineStats, SamplingSpec, TokenStep
+from powerserve.decoders.power_common import (
+    PowerParams,
+    engine_seed,
+    engine_seeds,
+    final_steps,
+    proposal_spec,
+    start_counters,
+)
+from powerserve.engine.base import Continuation, Engine, EngineStats, TokenStep
 
 __all__ = ["PowerMcmcDecoder", "PowerMcmcParams", "block_limits", "log_acceptance", "log_weight"]
 
-# Per-call engine seeds are drawn below this bound: every engine accepts a 31-bit seed.
-_SEED_BOUND = 2**31
 
-
-class PowerMcmcParams(DecoderParams):
-    alpha: float = Field(4.0, ge=1.0, le=100.0, description="power exponent: the target is p(x)^alpha")
+class PowerMcmcParams(PowerParams):
     block_size: int = Field(
         192, ge=1, le=4096, description="tokens added to the chain per block before its MCMC steps run"
     )
@@ -97,7 +102,7 @@ _COUNTERS = (
 )
 
 
-class PowerMcmcDecoder(Decoder):
+class PowerMcmcDecoder(Decoder[PowerMcmcParams]):
     name = "power_mcmc"
     description = (
         "Metropolis-Hastings power sampling of p(x)^alpha with a temperature-1/alpha proposal, block by block, "
@@ -106,8 +111,9 @@ class PowerMcmcDecoder(Decoder):
     )
     params_model = PowerMcmcParams
     streams_tokens = False
+    cheap_params: ClassVar[dict[str, Any]] = {"alpha": 4, "block_size": 8, "mcmc_steps": 2, "proposals": 2}
 
-    def expected_cost(self, params: DecoderParams, max_tokens: int) -> float:
+    def expected_cost(self, params: PowerMcmcParams, max_tokens: int) -> float:
         """Upper bound on engine tokens (generated + scored) for one chain, in closed form.
 
         With block limits L_k = min(k*B, T), block k extends the chain by at most
@@ -117,11 +123,10 @@ class PowerMcmcDecoder(Decoder):
         hence the factor 2. (The average step resamples about half the sequence, so the typical
         cost is well below this.)
         """
-        assert isinstance(params, PowerMcmcParams)
         per_block = params.proposals * params.mcmc_steps
         return 2.0 * (max_tokens + per_block * sum_block_limits(max_tokens, params.block_size))
 
-    async def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
+    async def decode(self, request: DecodeRequest[PowerMcmcParams], stats: EngineStats) -> AsyncIterator[TokenStep]:
         """Run the chain block by block, then yield its final tokens.
 
         For the blocks k = 1, 2, ... with length limits L_k = min(k * block_size, max_tokens):
@@ -145,18 +150,16 @@ class PowerMcmcDecoder(Decoder):
         lowered to what was done.
         """
         params = request.params
-        assert isinstance(params, PowerMcmcParams)
         rng = np.random.default_rng(request.seed)
         engine = self.engine
         chain = _Chain()
         limits = block_limits(request.max_tokens, params.block_size)
-        for key in _COUNTERS:
-            stats.add(key, 0)
+        start_counters(stats, _COUNTERS)
         stats.extra["blocks_total"] = len(limits)
         stats.extra["mh_steps_total"] = len(limits) * params.mcmc_steps
 
         for limit in limits:
-            extension_seed = int(rng.integers(_SEED_BOUND))
+            extension_seed = engine_seed(rng)
             if not _ended(engine, chain.token_ids) and len(chain.token_ids) < limit:
                 ext = await _propose(engine, request.prompt_ids, chain.token_ids, limit, params, extension_seed, stats)
                 chain.replace_suffix(len(chain.token_ids), ext)
@@ -170,11 +173,16 @@ class PowerMcmcDecoder(Decoder):
         stats.extra["blocks_total"] = stats.extra["blocks_done"]
         stats.extra["mh_steps_total"] = stats.extra["mh_steps_done"]
 
-        for tok, lq, lp in zip(chain.token_ids, chain.logq, chain.logp, strict=True):
-            yield TokenStep(token_id=tok, logq=lq, logp=lp)
+        for step in final_steps(chain.token_ids, chain.logq, chain.logp):
+            yield step
 
     async def _step(
-        self, request: DecodeRequest, chain: _Chain, limit: int, rng: np.random.Generator, stats: EngineStats
+        self,
+        request: DecodeRequest[PowerMcmcParams],
+        chain: _Chain,
+        limit: int,
+        rng: np.random.Generator,
+        stats: EngineStats,
     ) -> None:
         """One multiple-proposal Metropolis step (step 2 of :meth:`decode`), in place.
 
@@ -185,11 +193,10 @@ class PowerMcmcDecoder(Decoder):
            :func:`multi_proposal.choose` picks the next state; a move replaces x[i:].
         """
         params = request.params
-        assert isinstance(params, PowerMcmcParams)
         n = len(chain.token_ids)
         assert n >= 1, "the chain has at least one token after its first extension"
         i = min(int(rng.random() * n), n - 1)
-        seeds = [int(s) for s in rng.integers(_SEED_BOUND, size=params.proposals)]
+        seeds = engine_seeds(rng, params.proposals)
         u_propose, u_accept = float(rng.random()), float(rng.random())
         prefix = chain.token_ids[:i]
         async with asyncio.TaskGroup() as group:
@@ -229,7 +236,7 @@ async def _propose(
     stats: EngineStats,
 ) -> Continuation:
     """Sample a continuation of ``prompt + prefix`` from q, up to a chain length of ``limit``."""
-    spec = SamplingSpec(max_tokens=limit - len(prefix), temperature=1.0 / params.alpha, seed=seed)
+    spec = proposal_spec(params.alpha, limit - len(prefix), seed)
     cont = await engine.sample([*prompt_ids, *prefix], spec, stats)
     assert cont.token_ids, "an engine call with max_tokens >= 1 returns at least one token"
     return cont

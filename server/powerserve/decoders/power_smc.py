@@ -26,19 +26,27 @@ import contextlib
 import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
 
-from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams
-from powerserve.engine.base import Engine, EngineStats, SamplingSpec, TokenStep
+from powerserve.decoders.base import Decoder, DecodeRequest
+from powerserve.decoders.power_common import PowerParams, engine_seed, final_steps, proposal_spec, start_counters
+from powerserve.decoders.smc_weights import effective_sample_size, normalise, ramp_alpha, systematic_resample
+from powerserve.engine.base import Engine, EngineStats, TokenStep
 
-# Per-call engine seeds are drawn below this bound: every engine accepts a 31-bit seed.
-_SEED_BOUND = 2**31
+__all__ = [
+    "PowerSmcDecoder",
+    "PowerSmcParams",
+    "effective_sample_size",
+    "normalise",
+    "ramp_alpha",
+    "systematic_resample",
+]
 
 
-class PowerSmcParams(DecoderParams):
-    alpha: float = Field(4.0, ge=1.0, le=100.0, description="power exponent: the target is p(x)^alpha")
+class PowerSmcParams(PowerParams):
     particles: int = Field(16, ge=1, le=64, description="number of particles N decoded together")
     resample_interval: int = Field(
         8, ge=1, le=4096, description="tokens between two checks of the effective sample size"
@@ -49,40 +57,6 @@ class PowerSmcParams(DecoderParams):
     ramp_tokens: int = Field(
         16, ge=0, le=4096, description="alpha is ramped from 1 to alpha over this many tokens (0: no ramp)"
     )
-
-
-# --- the maths, as small pure functions ---------------------------------------------------------
-
-
-def ramp_alpha(t: int, alpha: float, ramp_tokens: int) -> float:
-    """Exponent of the intermediate target after t tokens: 1 + (alpha - 1) * min(1, t / R)."""
-    if ramp_tokens <= 0:
-        return alpha
-    return 1.0 + (alpha - 1.0) * min(1.0, t / ramp_tokens)
-
-
-def effective_sample_size(logw: np.ndarray) -> float:
-    """ESS = (sum w)^2 / sum w^2 of log-weights ``logw`` [N], between 1 and N."""
-    w = np.exp(logw - logw.max())
-    return float(w.sum() ** 2 / (w * w).sum())
-
-
-def normalise(logw: np.ndarray) -> np.ndarray:
-    """Probabilities proportional to exp(logw)."""
-    w = np.exp(logw - logw.max())
-    return np.asarray(w / w.sum())
-
-
-def systematic_resample(probs: np.ndarray, u: float) -> np.ndarray:
-    """Ancestor indices [N] (sorted) of systematic resampling with one uniform ``u`` in [0, 1).
-
-    Particle k takes the ancestor whose cumulative-probability interval holds (k + u) / N, so
-    ancestor i gets floor or ceil of N * probs[i] copies.
-    """
-    n = len(probs)
-    cdf = np.cumsum(probs)
-    cdf[-1] = 1.0  # guard against rounding: every position must find an ancestor
-    return np.searchsorted(cdf, (np.arange(n) + u) / n, side="right")
 
 
 # --- particles ----------------------------------------------------------------------------------
@@ -141,7 +115,7 @@ def _decided_steps(particles: Sequence[_Particle], start: int) -> list[TokenStep
     return [TokenStep(token_id=first.token_ids[i], logq=first.logq[i], logp=first.logp[i]) for i in range(start, k)]
 
 
-class PowerSmcDecoder(Decoder):
+class PowerSmcDecoder(Decoder[PowerSmcParams]):
     name = "power_smc"
     description = (
         "Sequential Monte Carlo power sampling of p(x)^alpha: N particles from temperature 1/alpha, "
@@ -150,13 +124,14 @@ class PowerSmcDecoder(Decoder):
     )
     params_model = PowerSmcParams
     streams_tokens = False  # only the decided prefix streams, not every sampled token
+    cheap_params: ClassVar[dict[str, Any]] = {"alpha": 4, "particles": 4, "resample_interval": 4, "ramp_tokens": 4}
 
     def __init__(self, engine: Engine, stream_prefix: bool = True) -> None:
         """``stream_prefix=False`` holds every token back to the end (the same tokens, later)."""
         super().__init__(engine)
         self.stream_prefix = stream_prefix
 
-    def expected_cost(self, params: DecoderParams, max_tokens: int) -> float:
+    def expected_cost(self, params: PowerSmcParams, max_tokens: int) -> float:
         """Upper bound on engine tokens (generated + scored): 2 * N * max_tokens.
 
         Each particle generates at most max_tokens tokens over its lineage: a particle that
@@ -165,10 +140,9 @@ class PowerSmcDecoder(Decoder):
         which is not counted as generated). An engine that cannot return log p while sampling
         scores every generated token once more, hence the factor 2.
         """
-        assert isinstance(params, PowerSmcParams)
         return 2.0 * params.particles * max_tokens
 
-    async def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
+    async def decode(self, request: DecodeRequest[PowerSmcParams], stats: EngineStats) -> AsyncIterator[TokenStep]:
         """Run the particle system, yielding the decided prefix as it grows and the rest of the
         chosen particle's tokens at the end.
 
@@ -196,12 +170,10 @@ class PowerSmcDecoder(Decoder):
            beyond the decided prefix are yielded.
         """
         params = request.params
-        assert isinstance(params, PowerSmcParams)
         rng = np.random.default_rng(request.seed)
         n, limit = params.particles, request.max_tokens
         ramp = min(params.ramp_tokens, limit)
-        for key in ("particles", "resamples", "restarts", "ess_checks", "tokens_proposed"):
-            stats.add(key, 0)
+        start_counters(stats, ("particles", "resamples", "restarts", "ess_checks", "tokens_proposed"))
         stats.add("particles", n)
         ess_min = 1.0
 
@@ -245,20 +217,16 @@ class PowerSmcDecoder(Decoder):
         stats.add("tokens_accepted", len(chosen.token_ids))
         assert chosen.token_ids[: len(decided)] == [s.token_id for s in decided], "a decided token changed"
         start = len(decided) if self.stream_prefix else 0  # off: the chosen particle's own steps
-        for tok, lq, lp in zip(chosen.token_ids[start:], chosen.logq[start:], chosen.logp[start:], strict=True):
-            yield TokenStep(token_id=tok, logq=lq, logp=lp)
+        for step in final_steps(chosen.token_ids[start:], chosen.logq[start:], chosen.logp[start:]):
+            yield step
 
     # --- steps of decode ----------------------------------------------------------------------
 
-    def _start(self, p: _Particle, request: DecodeRequest, rng: np.random.Generator, stats: EngineStats) -> None:
+    def _start(
+        self, p: _Particle, request: DecodeRequest[PowerSmcParams], rng: np.random.Generator, stats: EngineStats
+    ) -> None:
         """Open p's engine stream from prompt + p's tokens, for the rest of the budget."""
-        params = request.params
-        assert isinstance(params, PowerSmcParams)
-        spec = SamplingSpec(
-            max_tokens=request.max_tokens - len(p.token_ids),
-            temperature=1.0 / params.alpha,
-            seed=int(rng.integers(_SEED_BOUND)),
-        )
+        spec = proposal_spec(request.params.alpha, request.max_tokens - len(p.token_ids), engine_seed(rng))
         p.stream = self.engine.generate([*request.prompt_ids, *p.token_ids], spec, stats)
 
     async def _advance(self, p: _Particle, k: int, stats: EngineStats) -> None:
@@ -297,7 +265,7 @@ class PowerSmcDecoder(Decoder):
         particles: list[_Particle],
         probs: np.ndarray,
         alpha_t: float,
-        request: DecodeRequest,
+        request: DecodeRequest[PowerSmcParams],
         rng: np.random.Generator,
         stats: EngineStats,
     ) -> list[_Particle]:

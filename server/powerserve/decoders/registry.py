@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from powerserve.decoders.base import Decoder
 from powerserve.decoders.distilled import DistilledDecoder
 from powerserve.decoders.power_lookahead import PowerLookaheadDecoder
@@ -10,7 +12,7 @@ from powerserve.decoders.power_smc import PowerSmcDecoder
 from powerserve.decoders.standard import StandardDecoder
 from powerserve.decoders.temperature import TemperatureDecoder
 
-DECODERS: dict[str, type[Decoder]] = {
+DECODERS: dict[str, type[Decoder[Any]]] = {
     cls.name: cls
     for cls in (
         StandardDecoder,

@@ -7,6 +7,8 @@ A student is either
   batch with the base model's and it costs no second copy of the weights; or
 - a full checkpoint (``config.json``): loaded on the torch engine beside the base, as before.
 
+Loading them is the engines' business (:func:`powerserve.engine.factory.start_students`).
+
 Checks happen at start-up, never at request time:
 
 1. Names are unique and alias-safe (``[A-Za-z0-9_.-]+``: ``<model>:distilled:NAME`` must parse);
@@ -20,7 +22,6 @@ Checks happen at start-up, never at request time:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -28,9 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-
-from powerserve.engine.base import Engine, EngineStats, SamplingSpec
-from powerserve.engine.vllm_engine import VllmEngine
 
 log = logging.getLogger(__name__)
 
@@ -177,66 +175,3 @@ def same_checkpoint(a: str, b: str) -> bool:
     if pa.is_dir() and pb.is_dir():
         return pa.resolve() == pb.resolve()
     return a == b
-
-
-async def start_students(specs: list[StudentSpec], settings: Any, base: Engine) -> tuple[list[Engine], dict[str, Any]]:
-    """Load every student for :class:`~powerserve.decoders.distilled.DistilledDecoder`.
-
-    Returns (engines to shut down at exit, the ``extra`` for ``ServerState.build``).
-
-    1. A LoRA adapter on the vLLM engine becomes a view of it (:meth:`VllmEngine.adapter`) and
-       generates one token, so vLLM loads the adapter now: a broken one stops the start-up
-       (:class:`StudentError`) instead of failing requests.
-    2. A LoRA adapter on the torch engine, or a full checkpoint, loads on a torch engine of its
-       own (transformers attaches an adapter through peft). A full checkpoint that is missing,
-       unfinished or made for another tokenizer leaves that student out with the reason; the
-       server still serves everything else.
-    """
-    owned: list[Engine] = []
-    students: dict[str, tuple[StudentSpec, Engine]] = {}
-    reasons: list[str] = []
-    for adapter_id, spec in enumerate(specs, start=1):
-        if spec.kind == "lora" and isinstance(base, VllmEngine):
-            view = base.adapter(spec.name, str(spec.path), adapter_id)
-            try:
-                async for _ in view.generate([0], SamplingSpec(max_tokens=1), EngineStats()):
-                    pass
-            except Exception as exc:
-                raise StudentError(f"--distilled {spec.name}={spec.path}: vLLM cannot load the adapter: {exc}") from exc
-            students[spec.name] = (spec, view)
-            continue
-        engine, reason = await asyncio.to_thread(_load_torch_student, spec, settings, base)
-        if engine is not None:
-            owned.append(engine)
-        if reason is not None:
-            log.error("the distilled student %s is unavailable: %s", spec.name, reason)
-            reasons.append(reason)
-        elif engine is not None:
-            students[spec.name] = (spec, engine)
-    extra: dict[str, Any] = {"distilled_students": students}
-    if reasons:
-        extra["distilled_error"] = "; ".join(reasons)
-    return owned, extra
-
-
-def _load_torch_student(spec: StudentSpec, settings: Any, base: Engine) -> tuple[Engine | None, str | None]:
-    from powerserve.distill.manifest import MANIFEST_NAME
-    from powerserve.distill.records import tokenizer_fingerprint
-    from powerserve.engine.torch_engine import TorchEngine
-    from powerserve.model_store import is_complete
-
-    path = spec.path
-    if spec.kind == "full" and not (path / "config.json").is_file():
-        return None, f"--distilled {path} is not a checkpoint directory (no config.json)"
-    if (path / MANIFEST_NAME).is_file() and not is_complete(path):
-        return None, f"--distilled {path} is an unfinished checkpoint"
-    try:
-        student = TorchEngine.load(
-            str(path), model_name=spec.name, max_model_len=base.max_model_len, dtype=settings.dtype
-        )
-    except Exception as exc:  # any load failure leaves only this student out
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return None, f"cannot load --distilled {path}: {first}"
-    if base.tokenizer is not None and tokenizer_fingerprint(student.tokenizer) != tokenizer_fingerprint(base.tokenizer):
-        return student, f"--distilled {path} has another tokenizer than the served model"
-    return student, None

@@ -113,6 +113,7 @@ class InProcessSource(Source):
     async def open(cls, cfg: TeacherConfig) -> InProcessSource:
         from transformers import AutoConfig
 
+        from powerserve.decoders.base import DecoderContext
         from powerserve.engine.factory import start_engine
         from powerserve.model_store import ModelNotFoundError, resolve_model
 
@@ -123,8 +124,7 @@ class InProcessSource(Source):
         except ModelNotFoundError as exc:
             raise DistillError(str(exc)) from None
         engine = await start_engine(settings)
-        maker = getattr(decoder_cls, "from_settings", None)
-        decoder = maker(engine, settings) if maker is not None else decoder_cls(engine)
+        decoder = decoder_cls.build(DecoderContext(engine, settings))
         config = AutoConfig.from_pretrained(path)
         base = {
             "model": name,

@@ -23,7 +23,7 @@ from powerserve.serving.state import ServerState
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    decoder: Decoder
+    decoder: Decoder[Any]
     params: DecoderParams
     prompts: list[tuple[int, ...]]
     n: int
@@ -35,7 +35,7 @@ class Plan:
     timeout_s: float
     weight: float  # admission weight: sequences x the decoder's expected cost per output token
 
-    def sequences(self) -> list[tuple[int, DecodeRequest]]:
+    def sequences(self) -> list[tuple[int, DecodeRequest[DecoderParams]]]:
         """(choice index, request) for each sequence: prompt-major, n per prompt.
 
         With a seed, choice i uses seed + i, so each choice is reproducible and distinct.
@@ -83,7 +83,7 @@ def resolve_model(state: ServerState, model: str, decoder: str | DecoderChoice |
     return name, {**alias_raw, **raw}
 
 
-def resolve_decoder(state: ServerState, name: str, raw: dict[str, Any]) -> tuple[Decoder, DecoderParams]:
+def resolve_decoder(state: ServerState, name: str, raw: dict[str, Any]) -> tuple[Decoder[Any], DecoderParams]:
     if name in state.unavailable:
         raise BadRequestError(f"Decoder '{name}' is not available: {state.unavailable[name]}", param="decoder")
     decoder = state.decoders.get(name)

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from powerserve import metrics
-from powerserve.decoders.base import DecodeRequest
+from powerserve.decoders.base import DecodeRequest, DecoderParams
+from powerserve.decoders.stats import PROGRESS_KEYS, ProposalStats
 from powerserve.engine.base import EngineStats, FinishReason
 from powerserve.errors import RequestTimeoutError, ServiceUnavailableError
 from powerserve.protocol import ChoiceCost, PowerserveInfo, SelfReward, Usage
@@ -26,18 +27,6 @@ from powerserve.serving.state import ServerState
 from powerserve.text import Detokenizer
 
 SHUTDOWN = "powerserve-shutdown"  # the cancel message a draining server sends to running requests
-# Live decoder counters that progress events report when present (power_mcmc keeps the block
-# and MH-step counters; power_smc the decided tokens).
-PROGRESS_KEYS = (
-    "blocks_done",
-    "blocks_total",
-    "mh_steps_done",
-    "mh_steps_total",
-    "proposals",
-    "accepted_proposals",
-    "acceptance_rate",
-    "tokens_decided",
-)
 
 # Tokens detokenised (and scanned for stop strings) between two yields to the event loop.
 YIELD_EVERY_TOKENS = 32
@@ -109,8 +98,9 @@ class Runner:
                 "tokens_out": self.yielded.get(index, 0),
             }
             entry.update({k: stats.extra[k] for k in PROGRESS_KEYS if k in stats.extra})
-            if stats.extra.get("proposals") and "acceptance_rate" not in stats.extra:
-                entry["acceptance_rate"] = stats.extra.get("accepted_proposals", 0.0) / stats.extra["proposals"]
+            rate = ProposalStats.of(stats.extra).acceptance_rate
+            if rate is not None:
+                entry.setdefault("acceptance_rate", rate)
             choices.append(entry)
         return {"elapsed_s": round(time.perf_counter() - self.started, 3), "choices": choices}
 
@@ -171,7 +161,7 @@ class Runner:
             raise group_error.exceptions[0] from None
         return sorted((t.result() for t in tasks), key=lambda r: r.index)
 
-    async def _run_choice(self, index: int, request: DecodeRequest) -> ChoiceResult:
+    async def _run_choice(self, index: int, request: DecodeRequest[DecoderParams]) -> ChoiceResult:
         engine = self.state.engine
         stats = EngineStats()
         self.live[index] = stats
@@ -229,10 +219,9 @@ class Runner:
         for r in results:
             for key, value in r.stats.extra.items():
                 decoder_stats[key] = _combine(key, decoder_stats.get(key), value)
-        if "proposals" in decoder_stats:  # rates are recomputed from the sums, not summed
-            proposals = decoder_stats["proposals"]
-            accepted = decoder_stats.get("accepted_proposals", 0.0)
-            decoder_stats["acceptance_rate"] = accepted / proposals if proposals else 0.0
+        summed = ProposalStats.of(decoder_stats)
+        if summed.proposals is not None:  # rates are recomputed from the sums, not summed
+            decoder_stats["acceptance_rate"] = summed.acceptance_rate or 0.0
         info = PowerserveInfo(
             decoder=self.plan.decoder.name,
             params=self.plan.params.model_dump(),
@@ -272,14 +261,12 @@ class Runner:
                 metrics.observe("self_reward", labels, math.fsum(choice.logp) / len(choice.logp))
             if choice.token_ids:
                 metrics.observe("streamed_fraction", labels, choice.streamed / len(choice.token_ids))
-            extra = choice.stats.extra
-            if "tokens_proposed" in extra:
-                metrics.TOKENS_PROPOSED.labels(*labels).inc(extra["tokens_proposed"])
-                metrics.TOKENS_ACCEPTED.labels(*labels).inc(extra.get("tokens_accepted", 0.0))
-            if extra.get("proposals"):
-                metrics.ACCEPTANCE_RATE.labels(*labels).observe(
-                    extra.get("accepted_proposals", 0.0) / extra["proposals"]
-                )
+            proposal = ProposalStats.of(choice.stats.extra)
+            if proposal.tokens_proposed is not None:
+                metrics.TOKENS_PROPOSED.labels(*labels).inc(proposal.tokens_proposed)
+                metrics.TOKENS_ACCEPTED.labels(*labels).inc(proposal.tokens_accepted)
+            if proposal.acceptance_rate is not None:
+                metrics.ACCEPTANCE_RATE.labels(*labels).observe(proposal.acceptance_rate)
 
 
 def _combine(key: str, acc: float | None, value: float) -> float:
