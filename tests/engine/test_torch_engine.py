@@ -162,7 +162,7 @@ async def test_prefix_cache_stays_within_its_token_budget(model: torch.nn.Module
     async for engine in make_engine(model, prefix_cache_tokens=40):
         for seed in range(6):
             await run(engine, [seed + 1, 2], SamplingSpec(max_tokens=15, seed=seed))
-        await engine._on_worker(lambda: None)  # let queued snapshots land
+        await engine.run_on_worker(lambda: None)  # let queued snapshots land
         assert 0 < engine.prefix_cache._size <= 40
 
 
@@ -201,7 +201,7 @@ async def test_eos_and_max_tokens(model: torch.nn.Module) -> None:
 async def settle(engine: TorchEngine) -> None:
     """Wait until the worker has run every step queued so far (a step queues the next one)."""
     for _ in range(3):
-        await engine._on_worker(lambda: None)
+        await engine.run_on_worker(lambda: None)
 
 
 async def test_closing_the_iterator_stops_the_work(long_engine: TorchEngine) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -20,7 +19,8 @@ import pytest_asyncio
 import torch
 
 from powerserve.engine.base import EngineStats, SamplingSpec
-from powerserve.engine.vllm_engine import VllmEngine, scheduler_args
+from powerserve.engine.vllm_args import scheduler_args
+from powerserve.engine.vllm_engine import VllmEngine
 from powerserve.model_store import EMBEDDED_NAME, ensure_embedded_checkpoint
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
@@ -238,7 +238,7 @@ async def test_max_tokens_and_eos_stop(engine: VllmEngine) -> None:
 
 async def test_closing_early_aborts(engine: VllmEngine) -> None:
     prompt = text_prompt(engine)
-    spec = SamplingSpec(max_tokens=500, temperature=1.0, seed=2)
+    spec = SamplingSpec(max_tokens=200, temperature=1.0, seed=2)  # prompt + 200 fits MAX_MODEL_LEN
     stats = EngineStats()
     async with contextlib.aclosing(engine.generate(prompt, spec, stats)) as stream:
         async for _ in stream:
@@ -262,17 +262,62 @@ async def test_closing_early_aborts(engine: VllmEngine) -> None:
     await wait_idle(engine)
 
 
-async def test_concurrent_generate(engine: VllmEngine) -> None:
+def requests_in_batch() -> float:
+    """vLLM's own gauge of the requests in its model execution batch, at its last step."""
+    labels = {"model_name": EMBEDDED_NAME, "engine": "0"}
+    value = prometheus_client.REGISTRY.get_sample_value("vllm:num_requests_running", labels)
+    assert value is not None, "vLLM exports no vllm:num_requests_running gauge"
+    return value
+
+
+async def test_concurrent_generate_batches_and_keeps_each_request_apart(engine: VllmEngine) -> None:
+    """Eight seeded requests run at once are batched together and each gets its own answer.
+
+    1. Each request alone, one after another: the reference tokens and log q.
+    2. All eight at once (``asyncio.gather``), while polling vLLM's ``num_requests_running``
+       gauge (requests in one execution batch) every 5 ms.
+    3. Each concurrent result equals its request alone: tokens exactly, log q within TOL (a
+       request that got another's tokens, or a mixed-up stream, fails here; eight different
+       seeds give at least two different answers, so a mix-up is visible). The most requests
+       seen in one batch is more than one: requests serialised by the engine (one at a time
+       through vLLM) would keep the gauge at 1.
+    """
     prompt = text_prompt(engine)
     specs = [SamplingSpec(max_tokens=16, temperature=1.0, seed=i) for i in range(8)]
-    start = time.monotonic()
-    results = await asyncio.gather(*(collect(engine, prompt, s) for s in specs))
-    elapsed = time.monotonic() - start
-    print(f"8 concurrent x 16 tokens: {elapsed:.2f} s")
-    for tokens, logq in results:
-        assert len(tokens) == 16 or tokens[-1] in engine.eos_token_ids
-        assert all(v <= 0 for v in logq)
-    assert len({tuple(t) for t, _ in results}) > 1
+    alone = [await collect(engine, prompt, s) for s in specs]
+    assert len({tuple(tokens) for tokens, _ in alone}) > 1
+
+    most = 0.0
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal most
+        while not done.is_set():
+            most = max(most, requests_in_batch())
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        together = await asyncio.gather(*(collect(engine, prompt, s) for s in specs))
+    finally:
+        done.set()
+        await watcher
+    for (tokens, logq), (want_tokens, want_logq) in zip(together, alone, strict=True):
+        assert tokens == want_tokens
+        assert max_diff(logq, want_logq) < TOL
+    assert most > 1, f"at most {most:.0f} request(s) in one vLLM batch: the requests ran one at a time"
+
+
+async def test_length_guard(engine: VllmEngine) -> None:
+    """The engine refuses what does not fit the context, as the torch engine does."""
+    prompt = text_prompt(engine)
+    too_many = MAX_MODEL_LEN - len(prompt) + 1
+    with pytest.raises(ValueError, match="max_model_len"):
+        await collect(engine, prompt, SamplingSpec(max_tokens=too_many))
+    with pytest.raises(ValueError, match="max_model_len"):
+        await engine.score(prompt, [1] * too_many, EngineStats())
+    with pytest.raises(ValueError, match="at least one token"):
+        await engine.score([], [1], EngineStats())
 
 
 async def test_vllm_metrics_exported(engine: VllmEngine) -> None:

@@ -16,7 +16,7 @@ Two log-probabilities travel with every sampled token:
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -92,6 +92,11 @@ class Engine(abc.ABC):
     Implementations must be safe to call from many concurrent asyncio tasks; they batch
     concurrent calls where they can. Cancelling the task that iterates :meth:`generate`
     (or closing the iterator) must stop the engine work for that sequence.
+
+    The public methods are template methods: they check lengths, handle empty input and count
+    the work in :class:`EngineStats` once, here, then call the backend's hook (``_generate``,
+    ``_score``, ``_top_logprobs``), which does only the model-specific part. (A test engine may
+    override a public method whole instead; the hooks are not abstract for that reason.)
     """
 
     name: EngineName
@@ -100,45 +105,45 @@ class Engine(abc.ABC):
     eos_token_ids: frozenset[int]
     tokenizer: Any  # a Hugging Face tokenizer; None only for tokenizer-less test engines
 
-    @abc.abstractmethod
-    def generate(self, prompt_ids: Sequence[int], spec: SamplingSpec, stats: EngineStats) -> AsyncIterator[TokenStep]:
+    # --- template methods ---------------------------------------------------------------------
+
+    async def generate(
+        self, prompt_ids: Sequence[int], spec: SamplingSpec, stats: EngineStats
+    ) -> AsyncIterator[TokenStep]:
         """Sample a continuation of ``prompt_ids`` token by token.
 
         Yields each token as soon as it is sampled. Stops after an end-of-sequence token
         (yielded) or after ``spec.max_tokens`` tokens. Counts one call and each generated
-        token in ``stats``.
-        """
+        token in ``stats``. Raises ``ValueError`` if the prompt is empty or
+        ``len(prompt_ids) + spec.max_tokens > max_model_len``.
 
-    @abc.abstractmethod
+        Closing this iterator closes the backend's ``_generate`` stream, which stops its work.
+        """
+        prompt = list(prompt_ids)
+        self.check_lengths(len(prompt), spec.max_tokens)
+        stats.calls += 1
+        steps = self._generate(prompt, spec, stats)
+        try:
+            produced = 0
+            async for step in steps:
+                produced += 1
+                stats.tokens_generated += 1
+                yield step
+                if step.token_id in self.eos_token_ids or produced == spec.max_tokens:
+                    return
+        finally:
+            await steps.aclose()
+
     async def score(self, prompt_ids: Sequence[int], token_ids: Sequence[int], stats: EngineStats) -> list[float]:
         """Return log p(token_ids[t] | prompt_ids + token_ids[:t]) under the raw model.
 
-        Counts one call and ``len(token_ids)`` scored tokens in ``stats``.
+        Counts one call and ``len(token_ids)`` scored tokens in ``stats`` (also for no tokens,
+        which returns ``[]`` without model work). Raises ``ValueError`` if the prompt is empty
+        or the whole sequence exceeds ``max_model_len``.
         """
-
-    async def sample(self, prompt_ids: Sequence[int], spec: SamplingSpec, stats: EngineStats) -> Continuation:
-        """Draw a whole continuation with both log p and log q for every token.
-
-        1. Generate with ``spec``, keeping each token's log q (and log p when free).
-        2. If log p is missing and the sampling distribution is not the raw model, score the
-           tokens in one extra call; if it is the raw model, log p = log q.
-        """
-        steps = [step async for step in self.generate(prompt_ids, spec, stats)]
-        ids = [s.token_id for s in steps]
-        logq = [s.logq for s in steps]
-        known = [s.logp for s in steps]
-        if all(v is not None for v in known):
-            logp = [float(v) for v in known if v is not None]
-        elif spec.is_raw:
-            logp = list(logq)
-        else:
-            logp = await self.score(prompt_ids, ids, stats) if ids else []
-        return Continuation(ids, logp, logq, self.finish_reason(ids, spec.max_tokens))
-
-    def finish_reason(self, token_ids: Sequence[int], max_tokens: int) -> FinishReason:
-        if token_ids and token_ids[-1] in self.eos_token_ids:
-            return "stop"
-        return "length"
+        prompt, tokens = list(prompt_ids), list(token_ids)
+        self._count_scoring(len(prompt), len(tokens), stats)
+        return await self._score(prompt, tokens, stats) if tokens else []
 
     async def top_logprobs(
         self, prompt_ids: Sequence[int], token_ids: Sequence[int], k: int, stats: EngineStats
@@ -146,9 +151,77 @@ class Engine(abc.ABC):
         """For each position of ``token_ids``, the ``k`` most likely tokens under the raw model
         with their log-probabilities (for the OpenAI ``logprobs`` field).
 
-        Counts one call and ``len(token_ids)`` scored tokens in ``stats``.
+        Counts, checks and handles no tokens as :meth:`score` does.
         """
+        prompt, tokens = list(prompt_ids), list(token_ids)
+        self._count_scoring(len(prompt), len(tokens), stats)
+        return await self._top_logprobs(prompt, tokens, k, stats) if tokens else []
+
+    async def sample(self, prompt_ids: Sequence[int], spec: SamplingSpec, stats: EngineStats) -> Continuation:
+        """Draw a whole continuation with both log p and log q for every token.
+
+        1. Generate with ``spec``, keeping each token's log q (and log p when free).
+        2. Complete log p with :meth:`logp_or_score` (log q stands in when ``spec`` is the raw
+           model).
+        """
+        steps = [step async for step in self.generate(prompt_ids, spec, stats)]
+        ids = [s.token_id for s in steps]
+        logp = await self.logp_or_score(prompt_ids, steps, stats, raw=spec.is_raw)
+        return Continuation(ids, logp, [s.logq for s in steps], self.finish_reason(ids, spec.max_tokens))
+
+    async def logp_or_score(
+        self, prompt_ids: Sequence[int], steps: Sequence[TokenStep], stats: EngineStats, *, raw: bool = False
+    ) -> list[float]:
+        """Raw log p of every step's token: the ones the steps carry if all are known, else all
+        of them scored in one :meth:`score` call.
+
+        ``raw``: the steps were drawn from the raw model (``SamplingSpec.is_raw``), so log q is
+        log p and stands in for a missing one. No steps: ``[]``, without an engine call.
+        """
+        known = [s.logp if s.logp is not None or not raw else s.logq for s in steps]
+        if all(v is not None for v in known):
+            return [float(v) for v in known if v is not None]
+        return await self.score(prompt_ids, [s.token_id for s in steps], stats)
+
+    def finish_reason(self, token_ids: Sequence[int], max_tokens: int) -> FinishReason:
+        if token_ids and token_ids[-1] in self.eos_token_ids:
+            return "stop"
+        return "length"
+
+    def check_lengths(self, prompt_len: int, new_tokens: int) -> None:
+        """Raise ``ValueError`` unless ``1 <= prompt_len`` and ``prompt_len + new_tokens <= max_model_len``."""
+        if prompt_len < 1:
+            raise ValueError("the prompt must hold at least one token")
+        if prompt_len + new_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({prompt_len}) + new tokens ({new_tokens}) exceeds max_model_len ({self.max_model_len})"
+            )
+
+    def _count_scoring(self, prompt_len: int, tokens: int, stats: EngineStats) -> None:
+        self.check_lengths(prompt_len, tokens)
+        stats.calls += 1
+        stats.tokens_scored += tokens
+
+    # --- backend hooks: the model-specific part -----------------------------------------------
+
+    def _generate(self, prompt: list[int], spec: SamplingSpec, stats: EngineStats) -> AsyncGenerator[TokenStep, None]:
+        """Yield sampled tokens for :meth:`generate` (lengths checked; call and tokens counted
+        there). May yield past an end-of-sequence token: :meth:`generate` stops there and
+        closes this stream, which must then stop the work. May add backend counters to
+        ``stats.extra``."""
+        raise NotImplementedError(f"the {self.name} engine does not sample")
+
+    async def _score(self, prompt: list[int], tokens: list[int], stats: EngineStats) -> list[float]:
+        """:meth:`score` for a non-empty ``tokens`` (checked and counted already)."""
+        raise NotImplementedError(f"the {self.name} engine does not score")
+
+    async def _top_logprobs(
+        self, prompt: list[int], tokens: list[int], k: int, stats: EngineStats
+    ) -> list[dict[int, float]]:
+        """:meth:`top_logprobs` for a non-empty ``tokens`` (checked and counted already)."""
         raise NotImplementedError(f"the {self.name} engine does not report top log-probabilities")
+
+    # --- optional hooks -----------------------------------------------------------------------
 
     def metrics_text(self) -> str:
         """Extra Prometheus exposition text the engine contributes to ``/metrics``."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -36,6 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from powerserve.engine.base import Engine, EngineStats, SamplingSpec, TokenStep
 from powerserve.engine.batch import Row
+from powerserve.engine.eos import eos_token_ids
 from powerserve.engine.kv_cache import PrefixCache
 from powerserve.engine.model_runner import ModelRunner
 from powerserve.engine.sampling import proposal_logprobs, sample_rows, sample_step
@@ -121,9 +122,8 @@ class TorchEngine(Engine):
     ) -> TorchEngine:
         """Load a Hugging Face checkpoint directory.
 
-        ``dtype="auto"`` is float32 on the CPU and bfloat16 on a GPU. End-of-sequence ids are
-        the union of those in the generation config and the model config (an int or a list),
-        else the tokenizer's.
+        ``dtype="auto"`` is float32 on the CPU and bfloat16 on a GPU. End-of-sequence ids follow
+        :mod:`powerserve.engine.eos`.
         """
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype == "auto":
@@ -135,42 +135,34 @@ class TorchEngine(Engine):
         model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        eos: set[int] = set()
-        for source in (getattr(model, "generation_config", None), model.config):
-            value = getattr(source, "eos_token_id", None)
-            eos.update([value] if isinstance(value, int) else (value or []))
-        if not eos and tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
         return cls(
             model,
             tokenizer,
             model_name=model_name,
             max_model_len=max_model_len,
-            eos_token_ids=frozenset(eos),
+            eos_token_ids=eos_token_ids((getattr(model, "generation_config", None), model.config), tokenizer),
             prefix_cache_tokens=prefix_cache_tokens,
             max_batch_size=max_batch_size,
         )
 
     # --- Engine interface ---------------------------------------------------------------------
 
-    async def generate(
-        self, prompt_ids: Sequence[int], spec: SamplingSpec, stats: EngineStats
-    ) -> AsyncIterator[TokenStep]:
-        """Sample token by token; see :meth:`Engine.generate`.
+    async def _generate(
+        self, prompt: list[int], spec: SamplingSpec, stats: EngineStats
+    ) -> AsyncGenerator[TokenStep, None]:
+        """Sample token by token for :meth:`Engine.generate`.
 
         1. Queue a row for the scheduler, with this call's own generator (seeded by
            ``spec.seed``).
         2. The scheduler prefills the prompt, reusing the longest cached prefix, then samples
            the row's tokens in batched steps and sends each here as soon as it is drawn. It
-           does not wait for this caller to consume them.
+           does not wait for this caller to consume them; it stops the row itself after an
+           end-of-sequence token or ``spec.max_tokens`` tokens.
         3. Closing the iterator (or cancelling its task) marks the row closed; the scheduler
            drops it before its next step and remembers its KV cache for later calls.
         """
-        prompt = list(prompt_ids)
-        self._check_lengths(len(prompt), spec.max_tokens)
         if self._closed:
             raise RuntimeError("the torch engine has been shut down")
-        stats.calls += 1
         seed = spec.seed if spec.seed is not None else secrets.randbits(63)
         generator = torch.Generator(device="cpu").manual_seed(seed % 2**64)
         row = Row(prompt, spec, generator, asyncio.get_running_loop(), asyncio.Queue())
@@ -184,35 +176,31 @@ class TorchEngine(Engine):
                 if i == 0:
                     stats.add("prefix_cache_hit_tokens", row.reused)
                 stats.add("batched_rows", batch_rows)
-                stats.tokens_generated += 1
                 yield step
-                if step.token_id in self.eos_token_ids:
-                    return
         finally:
             row.closed = True
 
-    async def score(self, prompt_ids: Sequence[int], token_ids: Sequence[int], stats: EngineStats) -> list[float]:
-        """Raw log p of each of ``token_ids`` after ``prompt_ids`` and the tokens before it
+    async def _score(self, prompt: list[int], tokens: list[int], stats: EngineStats) -> list[float]:
+        """Raw log p of each of ``tokens`` after ``prompt`` and the tokens before it
         (see :meth:`ModelRunner.raw_logprobs`)."""
-        tokens = list(token_ids)
 
         def pick(logp: torch.Tensor) -> list[float]:  # logp: [n, V]
             picked = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0]
             return [float(v) for v in picked.cpu()]
 
-        return await self._raw(prompt_ids, tokens, stats, pick)
+        return await self._raw(prompt, tokens, stats, pick)
 
-    async def top_logprobs(
-        self, prompt_ids: Sequence[int], token_ids: Sequence[int], k: int, stats: EngineStats
+    async def _top_logprobs(
+        self, prompt: list[int], tokens: list[int], k: int, stats: EngineStats
     ) -> list[dict[int, float]]:
-        """The ``k`` most likely tokens under the raw model at each position of ``token_ids``."""
+        """The ``k`` most likely tokens under the raw model at each position of ``tokens``."""
 
         def top(logp: torch.Tensor) -> list[dict[int, float]]:  # logp: [n, V]
             values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
             rows = zip(ids.tolist(), values.tolist(), strict=True)
             return [dict(zip(i, v, strict=True)) for i, v in rows]
 
-        return await self._raw(prompt_ids, list(token_ids), stats, top)
+        return await self._raw(prompt, tokens, stats, top)
 
     async def shutdown(self) -> None:
         self._closed = True
@@ -223,27 +211,18 @@ class TorchEngine(Engine):
 
     # --- single-sequence work (worker thread) -------------------------------------------------
 
-    async def _on_worker(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run_on_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the engine's model thread, after the work queued before it."""
         if self._closed:
             raise RuntimeError("the torch engine has been shut down")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._worker, functools.partial(fn, *args))
 
     async def _raw(
-        self,
-        prompt_ids: Sequence[int],
-        tokens: list[int],
-        stats: EngineStats,
-        reduce: Callable[[torch.Tensor], list[T]],
+        self, prompt: list[int], tokens: list[int], stats: EngineStats, reduce: Callable[[torch.Tensor], list[T]]
     ) -> list[T]:
         """``reduce`` applied on the worker to the raw log-probabilities [len(tokens), V]."""
-        prompt = list(prompt_ids)
-        self._check_lengths(len(prompt), len(tokens))
-        stats.calls += 1
-        stats.tokens_scored += len(tokens)
-        if not tokens:
-            return []
-        result, reused = await self._on_worker(self._raw_on_worker, prompt, tokens, reduce)
+        result, reused = await self.run_on_worker(self._raw_on_worker, prompt, tokens, reduce)
         stats.add("prefix_cache_hit_tokens", reused)
         return result
 
@@ -253,11 +232,3 @@ class TorchEngine(Engine):
     ) -> tuple[list[T], int]:
         logp, reused = self.runner.raw_logprobs(prompt, tokens)
         return reduce(logp), reused
-
-    def _check_lengths(self, prompt_len: int, new_tokens: int) -> None:
-        if prompt_len < 1:
-            raise ValueError("the prompt must hold at least one token")
-        if prompt_len + new_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({prompt_len}) + new tokens ({new_tokens}) exceeds max_model_len ({self.max_model_len})"
-            )

@@ -196,11 +196,7 @@ class Runner:
         reason: FinishReason = "stop" if detok.stopped else engine.finish_reason(ids, request.max_tokens)
         self._emit(Delta(index, detok.finish(), [], reason))
 
-        known = [s.logp for s in steps]
-        if all(v is not None for v in known):
-            logp = [float(v) for v in known if v is not None]
-        else:
-            logp = await engine.score(request.prompt_ids, ids, stats)
+        logp = await engine.logp_or_score(request.prompt_ids, steps, stats)
         top = None
         if self.plan.logprobs and ids:
             top = await engine.top_logprobs(request.prompt_ids, ids, self.plan.logprobs, stats)
