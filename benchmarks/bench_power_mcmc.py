@@ -15,9 +15,12 @@ Rows (torch engine on the embedded model unless ``--model-path``; every row the 
   requests, cycling over the prompts with distinct seeds).
 
 Settings (issue defaults): alpha 4, block 32, 4 MH steps, 128 tokens, MATH500 problems in the
-reference's own prompt (its plain "qwen_math" format). ``--chat`` wraps them in the chat template
-instead, but not beside the reference: SmolLM2's template holds its EOS token, and the reference's
-end check (``eos_token_id in gen``, gen = prompt + answer) would cut every answer at the prompt.
+reference's text, in a ChatML user turn without the ``<|im_end|>`` closers (:func:`math_prompts`),
+the same for every row. Why not the full chat template: its ``<|im_end|>`` is SmolLM2's EOS, and
+the reference's end check (``eos_token_id in gen``, gen = prompt + answer) would cut every answer
+at the prompt after one block; why not its plain text: SmolLM2-Instruct then answers with EOS at
+once (seen in the smoke: about 5 tokens per answer). ``--chat`` uses the full template (refused
+with ``--reference-repo``).
 Columns:
 - wall s / request: a request's own latency (in flight: inside its batch);
 - tokens/s: returned tokens / wall (in flight: of the whole batch);
@@ -80,9 +83,10 @@ def log(msg: str) -> None:
 
 
 def math_prompts(tokenizer: Any, n: int, path: Path = MATH500, chat: bool = False) -> list[list[int]]:
-    """The first ``n`` MATH500 problems in the reference's prompt ("qwen_math" format: its
-    ``PROMPT + question + COT``, braces as it sends them), tokenised as it does; ``chat`` wraps
-    the text in the model's chat template instead."""
+    """The first ``n`` MATH500 problems in the reference's text (its ``PROMPT + question + COT``,
+    braces as it sends them) in a user turn: ``<|im_start|>user\\n{text}\\n<|im_start|>assistant\\n``
+    (ChatML turn openers without the ``<|im_end|>`` closers, which are SmolLM2's EOS token).
+    ``chat``: the model's full chat template instead (system turn, ``<|im_end|>`` closers)."""
     problems = json.loads(path.read_text())[:n]
     out = []
     for p in problems:
@@ -92,12 +96,12 @@ def math_prompts(tokenizer: Any, n: int, path: Path = MATH500, chat: bool = Fals
             + " Please reason step by step, and put your final answer within \\boxed{{}}."
         )
         if chat:
-            rendered = tokenizer.apply_chat_template(
+            text = tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
             )
-            out.append(list(tokenizer.encode(rendered, add_special_tokens=False)))
         else:
-            out.append(list(tokenizer.encode(text)))
+            text = f"<|im_start|>user\n{text}\n<|im_start|>assistant\n"
+        out.append(list(tokenizer.encode(text, add_special_tokens=False)))
     return out
 
 

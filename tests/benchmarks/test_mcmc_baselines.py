@@ -62,7 +62,7 @@ def test_proposal_carries_exact_logp_and_logq(model: Any) -> None:
         torch.manual_seed(seed)
         new, logp, logq = proposal(model, PROMPT, MAX_TOKENS, ALPHA, EOS)
         assert 1 <= len(new) == len(logp) == len(logq) <= MAX_TOKENS
-        prefix = PROMPT
+        prefix: tuple[int, ...] = PROMPT
         for tok, lp, lq in zip(new, logp, logq, strict=True):
             raw = table(prefix)
             assert lp == pytest.approx(raw[tok], abs=1e-4)
