@@ -1,28 +1,48 @@
-"""What ``power_mcmc`` costs on the embedded model, against a naive baseline, the engine's own
-throughput floor and its concurrency, and what it buys in self-reward -- all in one run.
+"""Long answers (issue 11, item 4): ``power_mcmc`` against a faithful reference-style baseline,
+the reference code itself, ``power_smc`` and ``standard`` -- same prompts, model and run.
 
-(a) Wall time per completion of ``power_mcmc`` through the :class:`Engine` interface (torch and
-    vLLM engines, ``proposals`` K = 1 and more) vs a naive implementation in the style of
-    the reference code: every proposal regenerated from the full prefix with transformers
-    ``model.generate`` (do_sample, temperature 1/alpha, ``output_scores`` / ``output_logits``
-    for log q / log p), no cache reuse across proposals. Same prompts, seeds, alpha, block
-    size, steps and token budget. The naive baseline is the K = 1 chain: rows with K > 1 do K
-    times the proposals per step (a different chain, which mixes faster), so compare them by
-    wall time, not as equal work.
-(b) The same runs against the floor set by the engine's single-stream throughput, measured in
-    the same rounds: floor = tokens generated / generate rate + tokens scored / score rate.
-(c) Aggregate throughput of ``power_mcmc`` through the HTTP server (``powerserve serve`` in a
-    subprocess) with 1 and with 8 requests in flight, beside the same for plain sampling at
-    temperature 1/alpha (the engine's own gain from batching: the bound for the chain's).
-(d) Self-reward (mean log p per returned token) of ``standard``, ``temperature`` and
-    ``power_mcmc`` on MATH500 prompts, through the same server.
+Rows (torch engine on the embedded model unless ``--model-path``; every row the same weights):
+- ``standard`` (temperature 1) and ``power_smc`` (``--particles``), one request at a time;
+- ``baseline (reference-style)``: :func:`mcmc_baselines.reference_style_chain`, transformers
+  ``generate`` for every proposal from the full prefix (see that module for what it does and
+  why it is faithful), one request at a time;
+- ``reference (Karan & Du code)`` with ``--reference-repo PATH`` (a checkout of
+  github.com/aakaran/reasoning-with-sampling; imported from there, never copied): its own
+  ``mcmc_power_samp`` on our model and tokenizer objects; the adaptations are listed in
+  :mod:`mcmc_baselines`;
+- ``power_mcmc`` with K = ``--proposals`` (default 1 and the decoder's default), with 1 and
+  with ``--in-flight`` requests in flight (the latter: batches of that many concurrent
+  requests, cycling over the prompts with distinct seeds).
 
-Every side of a comparison runs in the same rounds, in rotating order, so machine noise hits
-them alike; tables show medians over rounds (per completion: medians over prompts x rounds).
+Settings (issue defaults): alpha 4, block 32, 4 MH steps, 128 tokens, MATH500 problems in the
+reference's text, in a ChatML user turn without the ``<|im_end|>`` closers (:func:`math_prompts`),
+the same for every row. Why not the full chat template: its ``<|im_end|>`` is SmolLM2's EOS, and
+the reference's end check (``eos_token_id in gen``, gen = prompt + answer) would cut every answer
+at the prompt after one block; why not its plain text: SmolLM2-Instruct then answers with EOS at
+once (seen in the smoke: about 5 tokens per answer). ``--chat`` uses the full template (refused
+with ``--reference-repo``).
+Columns:
+- wall s / request: a request's own latency (in flight: inside its batch);
+- tokens/s: returned tokens / wall (in flight: of the whole batch);
+- engine tokens / request: generated + scored (engine rows, the engine's counters; prefix-cache
+  hits are not counted) or generated + prefilled (outside chains: every ``generate`` call's
+  whole context is prefilled again);
+- self-reward: mean over requests of the base model's mean log p per returned token, scored
+  afterwards by the engine for every row alike (untimed);
+- acceptance: baseline and reference, the share of MH tests passed (a proposal identical to the
+  current suffix counts); ``power_mcmc``, the share of steps that changed the tokens;
+- x baseline: tokens/s over the baseline's tokens/s; 8 vs 1: tokens/s over the same row at 1.
 
-    .venv/bin/python benchmarks/bench_power_mcmc.py --max-tokens 64 --block-size 32 --mcmc-steps 4
+Faithfulness check, in the same run: after each baseline completion, plain ``generate`` (no
+scores, no MH) replays exactly its calls (same contexts, same numbers of new tokens); the table
+notes the baseline's seconds per generated token over plain ``generate``'s (target <= 1.10).
 
-Prints Markdown tables (paste them into docs/benchmarks.md); progress goes to stderr.
+    python benchmarks/bench_power_mcmc.py --reference-repo ../reasoning-with-sampling \\
+        --json bench_power_mcmc.json                     # the issue's settings, 4 prompts
+    python benchmarks/bench_power_mcmc.py --prompts 2 --max-tokens 16 --block-size 8 \\
+        --in-flight 2 --reference-repo ../reasoning-with-sampling   # smoke
+
+Prints a Markdown table; progress goes to stderr. Timings need a quiet machine.
 """
 
 from __future__ import annotations
@@ -30,477 +50,225 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server does: 2 cores, worker threads
-os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout keeps only the tables
 
-import httpx
-import numpy as np
 import torch
-from soak import ServerProcess  # benchmarks/soak.py, beside this script
+from long_answer_table import Measured, markdown_table  # benchmarks/, beside this script
+from mcmc_baselines import load_reference, reference_style_chain, replay_plain_generate, run_reference
 
-from powerserve.decoders.base import DecodeRequest, OpenAISampling
-from powerserve.decoders.power_mcmc import PowerMcmcDecoder, PowerMcmcParams, block_limits, log_acceptance
-from powerserve.engine.base import Engine, EngineStats, SamplingSpec
+from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams, OpenAISampling
+from powerserve.decoders.power_mcmc import PowerMcmcDecoder, PowerMcmcParams
+from powerserve.decoders.power_smc import PowerSmcDecoder, PowerSmcParams
+from powerserve.decoders.standard import StandardDecoder, StandardParams
+from powerserve.engine.base import EngineStats
+from powerserve.engine.torch_engine import TorchEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 MATH500 = ROOT.parent / "shared" / "data" / "MATH500.json"
 MODEL = "SmolLM2-135M-Instruct"
+BASELINE = "baseline (reference-style)"
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def math_prompts(tokenizer: Any, n: int, offset: int = 0) -> list[list[int]]:
-    """MATH500 problems in the reference prompt, wrapped in the model's chat template."""
-    problems = json.loads(MATH500.read_text())[offset : offset + n]
+def math_prompts(tokenizer: Any, n: int, path: Path = MATH500, chat: bool = False) -> list[list[int]]:
+    """The first ``n`` MATH500 problems in the reference's text (its ``PROMPT + question + COT``,
+    braces as it sends them) in a user turn: ``<|im_start|>user\\n{text}\\n<|im_start|>assistant\\n``
+    (ChatML turn openers without the ``<|im_end|>`` closers, which are SmolLM2's EOS token).
+    ``chat``: the model's full chat template instead (system turn, ``<|im_end|>`` closers)."""
+    problems = json.loads(path.read_text())[:n]
     out = []
     for p in problems:
         text = (
             "Can you solve the following math problem? "
             + p["prompt"]
-            + " Please reason step by step, and put your final answer within \\boxed{}."
+            + " Please reason step by step, and put your final answer within \\boxed{{}}."
         )
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-        )
-        out.append(list(tokenizer.encode(rendered, add_special_tokens=False)))
+        if chat:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
+        else:
+            text = f"<|im_start|>user\n{text}\n<|im_start|>assistant\n"
+        out.append(list(tokenizer.encode(text, add_special_tokens=False)))
     return out
 
 
-# --- the naive baseline: the reference code's style -------------------------------------------
-
-
-@dataclass(slots=True)
-class Run:
-    """One completion: wall time and the engine work it took."""
-
-    wall: float
-    output: list[int]
-    generated: int
-    scored: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-def naive_power_mcmc(
-    model: Any, prompt: list[int], eos: frozenset[int], max_tokens: int, params: PowerMcmcParams, seed: int
-) -> Run:
-    """The same chain algorithm (blocks, steps, acceptance with the length term), with each
-    proposal regenerated from the full prefix by ``model.generate``, as the reference code does:
-    a fresh KV cache per call, the prompt and prefix prefilled again every time."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    eos_ids = sorted(eos)
-
-    def propose(prefix: list[int], limit: int) -> tuple[list[int], list[float], list[float]]:
-        ids = torch.tensor([prompt + prefix])
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=limit - len(prefix),
-            do_sample=True,
-            temperature=1.0 / params.alpha,
-            top_k=0,
-            top_p=1.0,
-            eos_token_id=eos_ids,
-            pad_token_id=eos_ids[0],
-            return_dict_in_generate=True,
-            output_scores=True,
-            output_logits=True,
-        )
-        new = out.sequences[0, ids.shape[1] :]
-        idx = new[:, None]  # [n, 1]
-        logq = torch.log_softmax(torch.cat(out.scores).double(), -1).gather(-1, idx)[:, 0]  # processed: q
-        logp = torch.log_softmax(torch.cat(out.logits).double(), -1).gather(-1, idx)[:, 0]  # raw: p
-        return new.tolist(), logp.tolist(), logq.tolist()
-
-    t0 = time.perf_counter()
-    x: list[int] = []
-    lp: list[float] = []
-    lq: list[float] = []
-    generated = 0
-    for limit in block_limits(max_tokens, params.block_size):
-        if not (x and x[-1] in eos) and len(x) < limit:
-            new, p, q = propose(x, limit)
-            x, lp, lq, generated = x + new, lp + p, lq + q, generated + len(new)
-        for _ in range(params.mcmc_steps):
-            i = int(rng.integers(len(x)))
-            new, p, q = propose(x[:i], limit)
-            generated += len(new)
-            log_a = log_acceptance(params.alpha, lp[i:], lq[i:], p, q, len(x), i + len(new))
-            if log_a >= 0 or rng.random() < math.exp(log_a):
-                x, lp, lq = x[:i] + new, lp[:i] + p, lq[:i] + q
-        if x and x[-1] in eos:
-            break
-    return Run(time.perf_counter() - t0, x, generated)
-
-
-# --- (a) and (b): through the Engine interface ---------------------------------------------
-
-
-async def engine_power_mcmc(
-    engine: Engine, prompt: list[int], max_tokens: int, params: PowerMcmcParams, seed: int
-) -> Run:
+async def decode(
+    engine: TorchEngine, decoder: Decoder, params: DecoderParams, prompt: list[int], max_tokens: int, seed: int
+) -> Measured:
+    """One request through the decoder interface, as the server runs it (minus HTTP)."""
     stats = EngineStats()
-    request = DecodeRequest(tuple(prompt), max_tokens, seed, OpenAISampling(), params)
+    sampling = OpenAISampling(temperature=1.0)
+    request = DecodeRequest(tuple(prompt), max_tokens, seed, sampling, params)
     t0 = time.perf_counter()
-    out = [step.token_id async for step in PowerMcmcDecoder(engine).decode(request, stats)]
-    return Run(time.perf_counter() - t0, out, stats.tokens_generated, stats.tokens_scored, dict(stats.extra))
+    out = [step.token_id async for step in decoder.decode(request, stats)]
+    wall = time.perf_counter() - t0
+    acc = stats.extra.get("acceptance_rate", float("nan"))
+    return Measured(prompt, out, wall, stats.tokens_generated, stats.tokens_scored, acceptance=acc)
 
 
-async def engine_rates(
-    engine: Engine, prompt: list[int], max_tokens: int, alpha: float, seed: int
-) -> tuple[float, float]:
-    """Single-stream generate tokens/s (temperature 1/alpha, as the proposals) and score tokens/s."""
-    stats = EngineStats()
-    spec = SamplingSpec(max_tokens=max_tokens, temperature=1.0 / alpha, seed=seed)
+async def in_flight(
+    engine: TorchEngine,
+    decoder: Decoder,
+    params: DecoderParams,
+    requests: list[tuple[list[int], int]],
+    max_tokens: int,
+) -> list[Measured]:
+    """All ``requests`` (prompt, seed) at once; each result carries the batch wall time."""
     t0 = time.perf_counter()
-    ids = [s.token_id async for s in engine.generate(prompt, spec, stats)]
-    gen_rate = len(ids) / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    await engine.score(prompt, ids, stats)
-    score_rate = len(ids) / (time.perf_counter() - t0)
-    return gen_rate, score_rate
+    runs = await asyncio.gather(*(decode(engine, decoder, params, p, max_tokens, s) for p, s in requests))
+    batch = time.perf_counter() - t0
+    for run in runs:
+        run.batch_wall = batch
+    return list(runs)
 
 
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
+async def bench(args: argparse.Namespace) -> tuple[list[str], dict[str, list[Measured]]]:
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+    log(f"loading {args.model_path}")
+    engine = TorchEngine.load(args.model_path, model_name=MODEL, max_model_len=2048)
+    model, tokenizer = engine.model, engine.tokenizer
+    eos = sorted(engine.eos_token_ids)
+    prompts = math_prompts(tokenizer, args.prompts, args.math500, args.chat)
+    reference = load_reference(args.reference_repo) if args.reference_repo else None
+    if reference is not None and tokenizer.eos_token_id in prompts[0]:
+        # its EOS check searches prompt + answer: it would cut the answer at the prompt's EOS
+        raise SystemExit("the reference cuts at the first EOS of prompt + answer: drop --chat")
+    mcmc = {"alpha": args.alpha, "block_size": args.block_size, "mcmc_steps": args.mcmc_steps}
+    decoders: dict[str, tuple[Decoder, DecoderParams]] = {
+        "standard": (StandardDecoder(engine), StandardParams()),
+        f"power_smc, particles={args.particles}": (
+            PowerSmcDecoder(engine),
+            PowerSmcParams(alpha=args.alpha, particles=args.particles),
+        ),
+    }
+    for k in args.proposals:
+        decoders[f"power_mcmc, K={k}"] = (PowerMcmcDecoder(engine), PowerMcmcParams(**mcmc, proposals=k))
+    replay_s: list[tuple[float, float]] = []  # (baseline s, plain generate s) per completion
 
+    def engine_job(label: str) -> Callable[[list[int], int, int], Awaitable[Measured]]:
+        decoder, params = decoders[label]
+        return lambda prompt, seed, n: decode(engine, decoder, params, prompt, n, seed)
 
-async def part_ab(args: argparse.Namespace, path: str, prompts: list[list[int]]) -> list[str]:
-    from powerserve.engine.torch_engine import TorchEngine
-    from powerserve.engine.vllm_engine import VllmEngine
+    async def baseline(prompt: list[int], seed: int, n: int) -> Measured:
+        run = reference_style_chain(model, prompt, eos, n, args.alpha, args.block_size, args.mcmc_steps, seed)
+        replay_s.append((run.wall, replay_plain_generate(model, run.calls, args.alpha)))
+        return Measured(prompt, run.output, run.wall, run.generated, run.prefilled, acceptance=run.acceptance)
 
-    engines: dict[str, Engine] = {}
-    log("loading the torch engine")
-    torch_engine = TorchEngine.load(path, model_name=MODEL, max_model_len=1024)
-    engines["torch"] = torch_engine
-    if "vllm" in args.engines:
-        log("starting the vLLM engine")
-        engines["vllm"] = await VllmEngine.start(
-            path,
-            model_name=MODEL,
-            max_model_len=1024,
-            gpu_memory_utilization=args.mem,
-            enforce_eager=args.enforce_eager,
-        )
-    if "torch" not in args.engines:
-        engines.pop("torch")
-    eos = torch_engine.eos_token_ids
-    model = torch_engine.model  # the naive baseline runs the same weights (never at the same time)
-    variants = {p: PowerMcmcParams(**args.mcmc, proposals=p) for p in args.parallel}
+    async def ref(prompt: list[int], seed: int, n: int) -> Measured:
+        block = min(args.block_size, n)
+        run = run_reference(reference, model, tokenizer, prompt, n, args.alpha, block, args.mcmc_steps, seed)
+        return Measured(prompt, run.output, run.wall, run.generated, run.prefilled, acceptance=run.acceptance)
 
-    # one warm-up of everything
-    naive_power_mcmc(model, prompts[0], eos, 8, PowerMcmcParams(**{**args.mcmc, "block_size": 8}), 0)
-    for engine in engines.values():
-        await engine_power_mcmc(engine, prompts[0], 8, PowerMcmcParams(**{**args.mcmc, "block_size": 8}), 0)
-        await engine_rates(engine, prompts[0], 8, args.alpha, 0)
+    jobs: dict[str, Callable[[list[int], int, int], Awaitable[Measured]]] = {BASELINE: baseline}
+    if reference is not None:
+        jobs["reference (Karan & Du code)"] = ref
+    jobs.update({label: engine_job(label) for label in decoders})
 
-    runs: dict[str, list[Run]] = {}
-    rates: dict[str, list[tuple[float, float]]] = {}
-    jobs: list[tuple[str, Callable[[list[int], int], Awaitable[Run]]]] = []
+    log("warm-up")
+    for job in jobs.values():
+        await job(prompts[0], 0, args.block_size)
+    replay_s.clear()
 
-    async def naive(prompt: list[int], seed: int) -> Run:
-        return naive_power_mcmc(model, prompt, eos, args.max_tokens, variants[1], seed)
-
-    jobs.append(("naive (HF generate)", naive))
-
-    def chain_job(engine: Engine, params: PowerMcmcParams) -> Callable[[list[int], int], Awaitable[Run]]:
-        async def job(prompt: list[int], seed: int) -> Run:
-            return await engine_power_mcmc(engine, prompt, args.max_tokens, params, seed)
-
-        return job
-
-    for name, engine in engines.items():
-        for p, params in variants.items():
-            jobs.append((f"{name}, proposals={p}", chain_job(engine, params)))
-
+    results: dict[str, list[Measured]] = {label: [] for label in jobs}
+    order = list(jobs)
     for r in range(args.rounds):
         for j, prompt in enumerate(prompts):
             seed = 1000 * r + j
-            shift = (r * len(prompts) + j) % len(jobs)
-            for label, run_one in jobs[shift:] + jobs[:shift]:
-                runs.setdefault(label, []).append(await run_one(prompt, seed))
-            for name, engine in engines.items():
-                rates.setdefault(name, []).append(await engine_rates(engine, prompt, args.max_tokens, args.alpha, seed))
-        log(f"(a)/(b) round {r + 1}/{args.rounds} done")
+            shift = (r * len(prompts) + j) % len(order)
+            for label in order[shift:] + order[:shift]:  # rotating order: machine noise hits all alike
+                results[label].append(await jobs[label](prompt, seed, args.max_tokens))
+                log(f"round {r + 1} prompt {j + 1}: {label} {results[label][-1].wall:.1f} s")
+        # n in flight: batches cycling over the prompts, as many requests as prompts (at least n)
+        n_req = max(args.in_flight, len(prompts))
+        requests = [(prompts[j % len(prompts)], 1000 * r + j) for j in range(n_req)]
+        for k in args.proposals:
+            label = f"power_mcmc, K={k}"
+            decoder, params = decoders[label]
+            key = f"{label} @{args.in_flight}"
+            for b in range(0, n_req, args.in_flight):
+                runs = await in_flight(engine, decoder, params, requests[b : b + args.in_flight], args.max_tokens)
+                results.setdefault(key, []).extend(runs)
+                log(f"round {r + 1}: {key} batch {runs[0].batch_wall:.1f} s")
 
-    for engine in engines.values():
-        await engine.shutdown()
+    for runs in results.values():  # self-reward, untimed, scored alike for every row
+        for run in runs:
+            if run.output:
+                logp = await engine.score(run.prompt, run.output, EngineStats())
+                run.self_reward = statistics.fmean(logp)
+    await engine.shutdown()
 
-    # the chain with P > 1 is the P = 1 chain: check it on the outputs
-    same = {}
-    for name in engines:
-        base = runs[f"{name}, proposals=1"]
-        for p in args.parallel[1:]:
-            other = runs[f"{name}, proposals={p}"]
-            same[(name, p)] = sum(a.output == b.output for a, b in zip(base, other, strict=True))
-
-    naive_wall = median([run.wall for run in runs["naive (HF generate)"]])
-    naive_per_token = median([run.wall / run.generated for run in runs["naive (HF generate)"]])
-    floor_rates = {name: (median([g for g, _ in rs]), median([s for _, s in rs])) for name, rs in rates.items()}
-    lines = [
-        "| implementation | wall s / completion | engine tokens / completion (generated + scored) | "
-        "discarded tokens | acceptance | naive / this (wall) | naive / this (s per generated token) | "
-        "floor s | wall / floor |",
-        "|---|---|---|---|---|---|---|---|---|",
+    lines = markdown_table(results, BASELINE, args.in_flight)
+    base_s, plain_s = sum(b for b, _ in replay_s), sum(p for _, p in replay_s)
+    ratio = base_s / plain_s if plain_s else float("nan")
+    verdict = "within 10%" if ratio <= 1.10 else "NOT within 10% of plain generate"
+    gen = sum(r.generated for r in results[BASELINE])
+    lines += [
+        "",
+        "Acceptance: baseline and reference count MH tests passed (identical proposals included); "
+        "power_mcmc counts steps that changed the tokens.",
+        "",
+        f"Baseline faithfulness: {base_s / gen * 1e3:.1f} ms per generated token against "
+        f"{plain_s / gen * 1e3:.1f} ms for plain `generate` replaying exactly its calls "
+        f"({len(results[BASELINE])} completions, {gen} tokens): ratio {ratio:.3f} ({verdict}).",
     ]
-    for label, rs in runs.items():
-        wall = median([run.wall for run in rs])
-        tokens = median([run.generated + run.scored for run in rs])
-        discarded = median([run.extra.get("tokens_discarded", 0.0) for run in rs])
-        acc = [run.extra["acceptance_rate"] for run in rs if "acceptance_rate" in run.extra]
-        per_token = median([run.wall / run.generated for run in rs])
-        floor_txt = ratio_txt = "-"
-        engine_name = label.split(",")[0]
-        if engine_name in floor_rates:
-            g, s = floor_rates[engine_name]
-            floors = [run.generated / g + run.scored / s for run in rs]
-            floor_txt = f"{median(floors):.2f}"
-            ratio_txt = f"{median([run.wall / f for run, f in zip(rs, floors, strict=True)]):.2f}"
-        acc_txt = f"{median(acc):.2f}" if acc else "-"
-        lines.append(
-            f"| {label} | {wall:.2f} | {tokens:.0f} | {discarded:.0f} | {acc_txt} | {naive_wall / wall:.2f}x | "
-            f"{naive_per_token / per_token:.2f}x | {floor_txt} | {ratio_txt} |"
-        )
-    lines.append("")
-    lines.append("| engine | single-stream generate tokens/s | score tokens/s |")
-    lines.append("|---|---|---|")
-    for name, (g, s) in floor_rates.items():
-        lines.append(f"| {name} | {g:.1f} | {s:.1f} |")
-    lines.append("")
-    for (name, p), n_same in same.items():
-        lines.append(
-            f"{name}: proposals={p} returned the same tokens as proposals=1 "
-            f"in {n_same}/{len(runs[f'{name}, proposals=1'])} completions (same seeds)."
-        )
-    return lines
-
-
-# --- (c) and (d): through the HTTP server ---------------------------------------------------
-
-
-def start_server(engine: str, port: int, args: argparse.Namespace, log_dir: Path) -> ServerProcess:
-    """``powerserve serve`` on ``engine`` (soak.py's :class:`ServerProcess`), once it answers."""
-    extra = ["--max-model-len", "1024"]
-    # The default admission limits weigh a power_mcmc request by its worst-case cost multiplier
-    # and would run one at a time: lift them, this measures the engine's concurrency.
-    extra += ["--max-running-weight", "100000", "--max-queued-weight", "100000"]
-    if engine == "vllm":
-        extra += ["--gpu-memory-utilization", str(args.mem)]
-        extra += ["--enforce-eager"] if args.enforce_eager else []
-    server = ServerProcess(model=None, engine=engine, extra_args=extra, log_path=log_dir / f"{engine}.log", port=port)
-    server.wait_ready(900)
-    return server
-
-
-async def http_batch(
-    port: int, prompts: list[list[int]], seeds: list[int], max_tokens: int, body: dict[str, Any], concurrency: int
-) -> tuple[float, list[dict[str, Any]]]:
-    """Send one request per prompt, ``concurrency`` at a time; wall time and response bodies."""
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    sem = asyncio.Semaphore(concurrency)
-    out: list[dict[str, Any]] = [{} for _ in prompts]
-    async with httpx.AsyncClient(timeout=1800) as http:
-
-        async def one(i: int) -> None:
-            async with sem:
-                payload = {"model": MODEL, "prompt": prompts[i], "max_tokens": max_tokens, "seed": seeds[i], **body}
-                resp = await http.post(url, json=payload)
-                resp.raise_for_status()
-                out[i] = resp.json()
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(len(prompts))))
-        return time.perf_counter() - t0, out
-
-
-def part_c(args: argparse.Namespace, ports: dict[str, int], prompts: list[list[int]]) -> tuple[list[str], str]:
-    """Rounds over the engines' servers and ``proposals`` values, each with 1 and 8
-    requests in flight; the table and the engine with the higher returned throughput at 8."""
-
-    def body(p: int) -> dict[str, Any]:
-        # p = 0: the reference row, plain sampling at 1/alpha (the chain's proposal) with the same
-        # budget: how far the engine itself gains from 8 sequences in flight
-        if p == 0:
-            return {"decoder": {"name": "temperature", "alpha": args.alpha}}
-        return {"decoder": {"name": "power_mcmc", **args.mcmc, "proposals": p}}
-
-    for port in ports.values():
-        asyncio.run(http_batch(port, prompts[:2], [0, 1], 8, body(1), 2))  # warm-up
-    rows: dict[tuple[str, int, int], list[tuple[float, float, float]]] = {}
-    variants = [0, *args.http_parallel]
-    for r in range(args.rounds):
-        for engine, port in ports.items():
-            for p in variants:
-                for conc in (1, 8) if r % 2 == 0 else (8, 1):
-                    seeds = [1000 * r + j for j in range(len(prompts))]
-                    wall, bodies = asyncio.run(http_batch(port, prompts, seeds, args.max_tokens, body(p), conc))
-                    returned = sum(b["usage"]["completion_tokens"] for b in bodies)
-                    work = sum(b["powerserve"]["tokens_generated"] + b["powerserve"]["tokens_scored"] for b in bodies)
-                    lat = statistics.mean(b["powerserve"]["wall_time_s"] for b in bodies)
-                    rows.setdefault((engine, p, conc), []).append((returned / wall, work / wall, lat))
-        log(f"(c) round {r + 1}/{args.rounds} done")
-    lines = [
-        "| engine | decoder | requests in flight | returned tokens/s | engine tokens/s | "
-        "mean latency s | 8 vs 1 in flight |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    best: dict[str, float] = {}
-    for engine in ports:
-        for p in variants:
-            name = f"temperature (1/{args.alpha:g}), reference" if p == 0 else f"power_mcmc, proposals={p}"
-            base = median([t for t, _, _ in rows[(engine, p, 1)]])
-            for conc in (1, 8):
-                ret = median([t for t, _, _ in rows[(engine, p, conc)]])
-                work = median([w for _, w, _ in rows[(engine, p, conc)]])
-                lat = median([x for _, _, x in rows[(engine, p, conc)]])
-                gain = f"{ret / base:.2f}x" if conc == 8 else ""
-                lines.append(f"| {engine} | {name} | {conc} | {ret:.1f} | {work:.1f} | {lat:.2f} | {gain} |")
-            if p:
-                best[engine] = max(best.get(engine, 0.0), median([t for t, _, _ in rows[(engine, p, 8)]]))
-    return lines, max(best, key=lambda k: best[k])
-
-
-def part_d(args: argparse.Namespace, port: int, prompts: list[list[int]]) -> list[str]:
-    from scipy import stats as st
-
-    decoders: dict[str, dict[str, Any]] = {
-        "standard (temperature 1)": {"decoder": {"name": "standard"}, "temperature": 1.0},
-        f"temperature (1/{args.alpha:g})": {"decoder": {"name": "temperature", "alpha": args.alpha}},
-        "power_mcmc": {"decoder": {"name": "power_mcmc", **args.mcmc, "proposals": args.http_parallel[0]}},
-    }
-    seeds = list(range(len(prompts)))
-    rewards: dict[str, list[float]] = {}
-    lengths: dict[str, list[int]] = {}
-    cost: dict[str, list[float]] = {}
-    for label, body in decoders.items():
-        t0 = time.perf_counter()
-        _, bodies = asyncio.run(http_batch(port, prompts, seeds, args.reward_max_tokens, body, 8))
-        rewards[label] = [b["powerserve"]["self_reward"]["mean_logprob"] for b in bodies]
-        lengths[label] = [b["usage"]["completion_tokens"] for b in bodies]
-        cost[label] = [b["powerserve"]["cost_multiplier"] for b in bodies]
-        log(f"(d) {label}: {time.perf_counter() - t0:.0f} s")
-
-    def ci(values: Sequence[float]) -> tuple[float, float, float]:
-        n = len(values)
-        mean, sd = statistics.mean(values), statistics.stdev(values)
-        half = float(st.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-        return mean, sd, half
-
-    lines = [
-        "| decoder | prompts | mean self-reward (log p / token) | std | 95% CI of the mean | "
-        "mean output tokens | mean cost multiplier |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for label in decoders:
-        mean, sd, half = ci(rewards[label])
-        lines.append(
-            f"| {label} | {len(rewards[label])} | {mean:.3f} | {sd:.3f} | [{mean - half:.3f}, {mean + half:.3f}] | "
-            f"{statistics.mean(lengths[label]):.1f} | {statistics.mean(cost[label]):.2f} |"
-        )
-    lines.append("")
-    labels = list(decoders)
-    for other in labels[:2]:
-        diff = [a - b for a, b in zip(rewards["power_mcmc"], rewards[other], strict=True)]
-        mean, _, half = ci(diff)
-        lines.append(
-            f"power_mcmc minus {other}, paired by prompt: {mean:+.3f} (95% CI [{mean - half:+.3f}, {mean + half:+.3f}])"
-        )
-    return lines
+    return lines, results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--prompts", type=int, default=4, help="prompts for (a)-(c); (c) sends 8 (repeating them)")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=4, help="MATH500 problems (the first N)")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--mcmc-steps", type=int, default=4)
     ap.add_argument("--alpha", type=float, default=4.0)
-    ap.add_argument("--parallel", type=int, nargs="+", default=[1, 8], help="proposals (K) values for (a)")
+    ap.add_argument("--proposals", type=int, nargs="+", default=[1, PowerMcmcParams().proposals])
+    ap.add_argument("--particles", type=int, default=16)
+    ap.add_argument("--in-flight", type=int, default=8, help="requests in flight for the throughput rows")
+    ap.add_argument("--reference-repo", type=Path, default=None, help="a checkout of the reference code")
+    ap.add_argument("--model-path", default=None, help="default: the embedded model's checkpoint")
+    ap.add_argument("--math500", type=Path, default=MATH500, help="MATH500.json (default: ../shared/data/)")
     ap.add_argument(
-        "--http-parallel",
-        type=int,
-        nargs="+",
-        default=None,
-        help="proposals values in (c); (d) uses the first; default: the decoder's default",
+        "--chat",
+        action="store_true",
+        help="chat-template prompts (not with --reference-repo when the template holds the EOS token)",
     )
-    ap.add_argument("--engines", nargs="+", default=["torch", "vllm"], choices=["torch", "vllm"])
-    ap.add_argument("--http-engines", nargs="*", default=["torch", "vllm"], choices=["torch", "vllm"])
-    ap.add_argument("--reward-engine", default=None, choices=["torch", "vllm"], help="default: the faster in (c)")
-    ap.add_argument("--reward-prompts", type=int, default=50)
-    ap.add_argument("--reward-max-tokens", type=int, default=None, help="default: --max-tokens")
-    ap.add_argument("--enforce-eager", action="store_true", help="vLLM without graph compilation")
-    ap.add_argument("--mem", type=float, default=0.15, help="vLLM KV-cache share of host memory")
-    ap.add_argument("--port", type=int, default=8941)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["ab", "c", "d"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows and every request here")
     args = ap.parse_args()
-    assert args.parallel[0] == 1, "the first --parallel value must be 1 (the baseline for the same-chain check)"
-    args.mcmc = {"alpha": args.alpha, "block_size": args.block_size, "mcmc_steps": args.mcmc_steps}
-    if args.http_parallel is None:
-        args.http_parallel = [PowerMcmcParams().proposals]
-    args.reward_max_tokens = args.reward_max_tokens or args.max_tokens
+    if args.reference_repo is not None and args.max_tokens % args.block_size:
+        ap.error("--reference-repo needs --max-tokens to be a multiple of --block-size")
+    if args.model_path is None:
+        from powerserve.model_store import ensure_embedded_checkpoint
 
-    from transformers import AutoTokenizer
+        args.model_path = str(ensure_embedded_checkpoint())
 
-    from powerserve.model_store import ensure_embedded_checkpoint
-
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    path = str(ensure_embedded_checkpoint())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    prompts = math_prompts(tokenizer, args.prompts)
     started = time.perf_counter()
-    out: list[str] = []
-
-    if "ab" not in args.skip:
-        out += ["### (a) power_mcmc vs the naive baseline, (b) vs the engine's throughput floor", ""]
-        out += [*asyncio.run(part_ab(args, path, prompts)), ""]
-
-    servers: dict[str, ServerProcess] = {}
-    log_dir = Path(tempfile.mkdtemp(prefix="bench-power-mcmc-"))
-    ports: dict[str, int] = {}
-    http_engines = list(args.http_engines)
-    if "c" in args.skip:
-        http_engines = [args.reward_engine or "torch"] if "d" not in args.skip else []
-    try:
-        for i, engine in enumerate(http_engines):
-            log(f"starting powerserve on the {engine} engine")
-            servers[engine], ports[engine] = start_server(engine, args.port + i, args, log_dir), args.port + i
-        reward_engine = (args.reward_engine or http_engines[0]) if http_engines else None
-        if "c" not in args.skip:
-            http_prompts = [prompts[j % len(prompts)] for j in range(8)]
-            lines, faster = part_c(args, ports, http_prompts)
-            reward_engine = args.reward_engine or faster
-            out += ["### (c) power_mcmc throughput through the HTTP server", "", *lines, ""]
-        if "d" not in args.skip and reward_engine is not None:
-            rprompts = math_prompts(tokenizer, args.reward_prompts, offset=100)
-            out += [f"### (d) self-reward on {len(rprompts)} MATH500 prompts ({reward_engine} engine)", ""]
-            out += [*part_d(args, ports[reward_engine], rprompts), ""]
-    finally:
-        for server in servers.values():
-            server.kill()  # SIGTERM, SIGKILL after 30 s
-
-    print(
-        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; model {MODEL} "
-        f"(float32); MATH500 prompts in the reference format, chat template; alpha {args.alpha:g}, "
-        f"block_size {args.block_size}, mcmc_steps {args.mcmc_steps}, max_tokens {args.max_tokens}; "
-        f"{args.prompts} prompts x {args.rounds} rounds; vLLM {'eager' if args.enforce_eager else 'compiled'}; "
-        f"total {time.perf_counter() - started:.0f} s\n"
+    lines, results = asyncio.run(bench(args))
+    header = (
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; model "
+        f"{Path(args.model_path).name}; torch engine; alpha {args.alpha:g}, block {args.block_size}, "
+        f"{args.mcmc_steps} MH steps, {args.max_tokens} tokens; {args.prompts} MATH500 prompts x "
+        f"{args.rounds} rounds; total {time.perf_counter() - started:.0f} s"
     )
-    print("\n".join(out))
+    print(f"\n{header}\n\n" + "\n".join(lines))
+    if args.json:
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        rows = {label: [run.record() for run in runs] for label, runs in results.items()}
+        args.json.write_text(json.dumps({"settings": settings, "header": header, "table": lines, "requests": rows}))
 
 
 if __name__ == "__main__":

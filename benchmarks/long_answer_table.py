@@ -1,0 +1,110 @@
+"""The long-answer benchmark's records and its table (``bench_power_mcmc.py``): pure, untimed.
+
+A row is a list of :class:`Measured` requests. Per row (n requests, returned lengths l_i,
+latencies w_i; in flight, the batches' wall times W_b):
+
+    wall s / request  = mean_i w_i
+    tokens/s          = sum_i l_i / sum_i w_i             (one request at a time)
+                      = sum_i l_i / sum_b W_b             (in flight: batches, each counted once)
+    engine tokens     = mean_i (generated_i + other_i)     (other: scored, or prefilled again)
+    self-reward       = mean_i (mean log p per token of request i)
+    x baseline        = tokens/s / baseline's tokens/s
+    N vs 1            = tokens/s of ``label @N`` / tokens/s of ``label``
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class Measured:
+    """One request: its prompt and output, wall time and work (``other``: tokens scored by the
+    engine, or prefilled again by an outside chain). ``batch_wall`` is set when it ran in flight
+    with others (the wall time of its whole batch)."""
+
+    prompt: list[int]
+    output: list[int]
+    wall: float
+    generated: int
+    other: int
+    acceptance: float = float("nan")
+    batch_wall: float | None = None
+    self_reward: float | None = None
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready, without the token lists' contents (their lengths only)."""
+        return {
+            "prompt_tokens": len(self.prompt),
+            "output_tokens": len(self.output),
+            "wall_s": self.wall,
+            "batch_wall_s": self.batch_wall,
+            "generated": self.generated,
+            "other": self.other,
+            "acceptance": None if math.isnan(self.acceptance) else self.acceptance,
+            "self_reward": self.self_reward,
+        }
+
+
+def seconds(runs: Sequence[Measured]) -> float:
+    """Wall seconds the row took: sum of latencies, or of its batches (same ``batch_wall``,
+    consecutive) each counted once when it ran in flight."""
+    if runs and runs[0].batch_wall is not None:
+        walls: list[float] = []
+        for r in runs:
+            if not walls or r.batch_wall != walls[-1]:
+                walls.append(r.batch_wall or 0.0)
+        return sum(walls)
+    return sum(r.wall for r in runs)
+
+
+def tokens_per_second(runs: Sequence[Measured]) -> float:
+    """Returned tokens over :func:`seconds`."""
+    total = seconds(runs)
+    return sum(len(r.output) for r in runs) / total if total > 0 else float("nan")
+
+
+def _mean(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(kept) if kept else float("nan")
+
+
+def _fmt(value: float, spec: str, unit: str = "") -> str:
+    return "-" if math.isnan(value) else format(value, spec) + unit
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 and not math.isnan(a) else float("nan")
+
+
+def markdown_table(results: Mapping[str, Sequence[Measured]], baseline: str, n_flight: int) -> list[str]:
+    """One line per row of ``results`` (formulas in the module docstring); rows named
+    ``label @N`` ran N in flight and get the N-vs-1 ratio against ``label``."""
+    base = tokens_per_second(results[baseline]) if results.get(baseline) else float("nan")
+    lines = [
+        "| row | in flight | wall s / request | tokens/s | s / generated token | engine tokens / request "
+        "(generated + scored or prefilled) | self-reward (log p / token) | acceptance | x baseline | "
+        f"{n_flight} vs 1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, runs in results.items():
+        if not runs:
+            continue
+        name, _, flight = label.partition(" @")
+        tps = tokens_per_second(runs)
+        generated = sum(r.generated for r in runs)
+        per_gen = _ratio(seconds(runs), generated)
+        rewards = [r.self_reward for r in runs if r.self_reward is not None]
+        gain = _fmt(_ratio(tps, tokens_per_second(results[name])), ".2f", "x") if flight and results.get(name) else ""
+        lines.append(
+            f"| {name} | {flight or 1} | {_mean([r.wall for r in runs]):.2f} | {_fmt(tps, '.2f')} | "
+            f"{_fmt(per_gen * 1e3, '.1f', ' ms')} | "
+            f"{_mean([r.generated for r in runs]):.0f} + {_mean([r.other for r in runs]):.0f} | "
+            f"{_fmt(_mean(rewards), '.3f')} | {_fmt(_mean([r.acceptance for r in runs]), '.2f')} | "
+            f"{_fmt(_ratio(tps, base), '.2f', 'x')} | {gain} |"
+        )
+    return lines
