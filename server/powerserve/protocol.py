@@ -415,9 +415,9 @@ class ChatChunkChoice(BaseModel):
 
 
 class ChatCompletionChunk(BaseModel):
-    id: str
+    id: str = Field(default_factory=_chat_id)
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
+    created: int = Field(default_factory=_now)
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
