@@ -48,11 +48,11 @@ os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout keeps
 import httpx
 import numpy as np
 import torch
-from soak import ServerProcess  # benchmarks/soak.py, beside this script
 
 from powerserve.decoders.base import DecodeRequest, OpenAISampling
 from powerserve.decoders.power_mcmc import PowerMcmcDecoder, PowerMcmcParams, block_limits, log_acceptance
 from powerserve.engine.base import Engine, EngineStats, SamplingSpec
+from powerserve.testing import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 MATH500 = ROOT.parent / "shared" / "data" / "MATH500.json"

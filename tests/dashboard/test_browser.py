@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from powerserve.engine.torch_engine import TorchEngine
-from tests.dashboard.live_server import LiveServer
+from powerserve.testing import LiveServer
 from tests.serving.conftest import MODEL
 
 pytestmark = pytest.mark.browser

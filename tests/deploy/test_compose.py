@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.deploy.conftest import DEPLOY, ROOT
-from tests.deploy.test_dockerfile import stages
+from tests.deploy.docker_stages import stages
 
 COMPOSE = DEPLOY / "compose.yaml"
 GPU_OVERLAY = DEPLOY / "compose.gpu.yaml"

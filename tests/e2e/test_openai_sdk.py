@@ -11,7 +11,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import API_KEY, Server
+from powerserve.testing import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def test_chat_greedy_answers_the_question(client: OpenAI, model: str) -> None:
 
 
 @pytest.mark.parametrize("decoder", ["standard", "temperature"])
-def test_completion_each_decoder(client: OpenAI, model: str, server: Server, decoder: str) -> None:
+def test_completion_each_decoder(client: OpenAI, model: str, server: ServerProcess, decoder: str) -> None:
     resp = client.completions.create(
         model=model, prompt="The capital of France is", max_tokens=16, seed=3, extra_body={"decoder": decoder}
     )
@@ -108,10 +108,10 @@ def test_bad_requests_are_openai_errors(client: OpenAI, model: str) -> None:
         OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
 
 
-def test_client_disconnect_cancels_engine_work(server: Server, model: str) -> None:
+def test_client_disconnect_cancels_engine_work(server: ServerProcess, model: str) -> None:
     """A client that goes away mid-stream stops the engine work: the request is counted as
     cancelled and the server is idle again within seconds."""
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+    headers = server.headers
     body = {"model": model, "prompt": "Tell me a very long story.", "max_tokens": 900, "stream": True}
     with (
         httpx.Client(timeout=60) as http,
@@ -141,12 +141,12 @@ def test_client_disconnect_cancels_engine_work(server: Server, model: str) -> No
         assert generation_tokens(server) == before
 
 
-def generation_tokens(server: Server) -> float:
+def generation_tokens(server: ServerProcess) -> float:
     fams = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server.base}/metrics").text)}
     return sum(s.value for s in fams["vllm:generation_tokens"].samples if s.name.endswith("_total"))
 
 
-def test_metrics_are_decoder_labelled(server: Server, client: OpenAI, model: str) -> None:
+def test_metrics_are_decoder_labelled(server: ServerProcess, client: OpenAI, model: str) -> None:
     client.completions.create(model=model, prompt="hi", max_tokens=4, extra_body={"decoder": "temperature"})
     text = httpx.get(f"{server.base}/metrics").text
     fams = {f.name: f for f in text_string_to_metric_families(text)}
@@ -177,10 +177,10 @@ def test_power_mcmc_through_the_sdk(client: OpenAI, model: str) -> None:
     assert text == resp.choices[0].message.content
 
 
-def test_hanging_up_on_a_chain_cancels_it(server: Server, model: str) -> None:
+def test_hanging_up_on_a_chain_cancels_it(server: ServerProcess, model: str) -> None:
     """A non-streaming power_mcmc request whose client gives up is stopped: counted as
     cancelled, and the engine stops generating for it."""
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+    headers = server.headers
     body = {
         "model": model,
         "prompt": "Tell me a story.",
@@ -201,7 +201,7 @@ def test_hanging_up_on_a_chain_cancels_it(server: Server, model: str) -> None:
         assert generation_tokens(server) == tokens
 
 
-def counter(server: Server, name: str, labels: dict[str, str]) -> float:
+def counter(server: ServerProcess, name: str, labels: dict[str, str]) -> float:
     fams = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server.base}/metrics").text)}
     return sum(
         s.value

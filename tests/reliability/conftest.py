@@ -14,11 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
-from benchmarks.soak import ServerProcess
 from prometheus_client.parser import text_string_to_metric_families
 
 from powerserve.model_store import ensure_embedded_checkpoint
-from tests.dashboard.live_server import LiveServer
+from powerserve.testing import LiveServer, ServerProcess
 from tests.serving.conftest import MODEL, engine, tokenizer  # noqa: F401 (session fixtures shared with tests/serving)
 from tests.tiny_model import save_tiny_checkpoint
 
