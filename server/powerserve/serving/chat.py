@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Literal
 
 from powerserve.errors import BadRequestError
 from powerserve.protocol import (
@@ -76,30 +77,28 @@ async def stream_chat_completion(state: ServerState, body: ChatCompletionRequest
     chunk = chunk_maker(ChatCompletionChunk, body.model)
     started: set[int] = set()
 
+    def delta(index: int, content: str | None = None) -> DeltaMessage:
+        """A choice's first delta names the role; later ones do not."""
+        role: Literal["assistant"] | None = None if index in started else "assistant"
+        started.add(index)
+        return DeltaMessage(role=role, content=content)
+
     def delta_chunk(d: Delta) -> ChatCompletionChunk:
-        role = None if d.index in started else "assistant"
-        started.add(d.index)
-        return chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(role=role, content=d.text))])
+        return chunk([ChatChunkChoice(index=d.index, delta=delta(d.index, d.text))])
 
     def token_chunks(outcome: Outcome) -> list[ChatCompletionChunk]:
         out = []
         for c in outcome.choices:
             content = _logprobs(state, c).content or []
             for i, text in enumerate(token_pieces(state, runner.plan.stop, c)):
-                role = None if c.index in started else "assistant"
-                started.add(c.index)
                 logprobs = ChatLogprobs(content=content[i : i + 1])
-                delta = DeltaMessage(role=role, content=text)
-                out.append(chunk([ChatChunkChoice(index=c.index, delta=delta, logprobs=logprobs)]))
+                out.append(chunk([ChatChunkChoice(index=c.index, delta=delta(c.index, text), logprobs=logprobs)]))
         return out
 
     def final_chunks(outcome: Outcome, finishes: list[Delta]) -> list[ChatCompletionChunk]:
         out = token_chunks(outcome) if body.logprobs else []
         for d in finishes:
-            role = None if d.index in started else "assistant"
-            out.append(
-                chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(role=role), finish_reason=d.finish_reason)])
-            )
+            out.append(chunk([ChatChunkChoice(index=d.index, delta=delta(d.index), finish_reason=d.finish_reason)]))
         return out
 
     def usage_chunk(outcome: Outcome) -> ChatCompletionChunk:
