@@ -42,6 +42,9 @@ class DecoderCard(BaseModel):
     available: bool = True
     unavailable_reason: str | None = None
     students: list[StudentCard] | None = Field(None, description="distilled: the students, the default first")
+    cheap_params: dict[str, Any] = Field(
+        default_factory=dict, description="parameters that keep a request cheap (for smoke, soak and fuzz tests)"
+    )
 
 
 class DecoderList(BaseModel):
