@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi.routing import APIRoute
 
-from tests.reliability.conftest import MODEL, assert_openai_error
+from tests.reliability.support import MODEL, assert_openai_error
 from tests.serving.conftest import make_client
 
 KEY = "sekret-key"

@@ -26,7 +26,7 @@ from powerserve.engine.factory import vllm_available
 from powerserve.server import ENGINE_DEAD_EXIT_CODE, DrainingServer
 from powerserve.settings import Settings
 from powerserve.testing import free_port
-from tests.reliability.conftest import (
+from tests.reliability.support import (
     LONG_MCMC,
     LONG_MCMC_SETTINGS,
     MODEL,

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from benchmarks.soak import decoder_bodies
 
-from tests.reliability.conftest import MODEL, SETTINGS, LiveServer, assert_openai_error, live
+from tests.reliability.support import MODEL, SETTINGS, LiveServer, assert_openai_error, live
 from tests.serving.conftest import MAX_MODEL_LEN
 
 MAX_N = SETTINGS["max_n"]

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.reliability.conftest import (
+from tests.reliability.support import (
     LONG_MCMC,
     LONG_MCMC_SETTINGS,
     MODEL,
