@@ -21,7 +21,7 @@ import pytest
 
 from powerserve.engine.torch_engine import TorchEngine
 from powerserve.testing import LiveServer
-from tests.serving.conftest import MODEL
+from tests.serving.tiny_app import MODEL
 
 pytestmark = pytest.mark.browser
 

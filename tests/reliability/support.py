@@ -11,7 +11,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from powerserve.testing import LiveServer, ServerProcess
-from tests.serving.conftest import MODEL
+from tests.serving.tiny_app import MODEL
 
 __all__ = ["MODEL", "LiveServer", "ServerProcess"]
 

@@ -19,7 +19,7 @@ import pytest
 from benchmarks.soak import decoder_bodies
 
 from tests.reliability.support import MODEL, SETTINGS, LiveServer, assert_openai_error, live
-from tests.serving.conftest import MAX_MODEL_LEN
+from tests.serving.tiny_app import MAX_MODEL_LEN
 
 MAX_N = SETTINGS["max_n"]
 MAX_TOKENS = SETTINGS["max_tokens_limit"]

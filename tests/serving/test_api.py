@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from powerserve.engine.base import EngineStats, SamplingSpec
 from powerserve.engine.torch_engine import TorchEngine
-from tests.serving.conftest import MAX_MODEL_LEN, MODEL, make_client
 from tests.serving.http_client import assert_openai_error, post, sse_events
+from tests.serving.tiny_app import MAX_MODEL_LEN, MODEL, make_client
 
 # --- happy paths ------------------------------------------------------------------------------
 
