@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dockerfile
 
-from tests.deploy.conftest import ROOT
+from tests.deploy.paths import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 

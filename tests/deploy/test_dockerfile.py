@@ -11,8 +11,8 @@ import tomllib
 import dockerfile
 import pytest
 
-from tests.deploy.conftest import ROOT
 from tests.deploy.docker_stages import first, stages
+from tests.deploy.paths import ROOT
 
 SETUP = "bash scripts/setup.sh"
 

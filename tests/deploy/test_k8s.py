@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from powerserve.settings import Settings
-from tests.deploy.conftest import DEPLOY
 from tests.deploy.docker_stages import first, stages
+from tests.deploy.paths import DEPLOY
 from tests.deploy.series import powerserve_series
 
 K8S = DEPLOY / "k8s"
