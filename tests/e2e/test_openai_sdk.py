@@ -151,12 +151,13 @@ def hang_up_mid_stream(server: ServerProcess, body: dict[str, Any]) -> bool:
         httpx.Client(timeout=60) as http,
         http.stream("POST", f"{server.base}/v1/completions", json=body, headers=server.headers) as resp,
     ):
-        for line in resp.iter_lines():
+        lines = resp.iter_lines()
+        for line in lines:
             if line.startswith("data: ") and '"text"' in line:
                 if json.loads(line[len("data: ") :])["choices"][0]["finish_reason"] is None:
                     return True  # hang up (closing the stream)
                 break
-        for _ in resp.iter_lines():
+        for _ in lines:  # the rest of this stream (one iterator: a response streams once)
             pass
     return False
 
