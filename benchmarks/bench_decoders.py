@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from soak import ServerProcess  # benchmarks/soak.py, beside this script
 from tqdm import tqdm
 
+from powerserve.testing import ServerProcess
 from powerserve_client.decoders import decoder_label, parse_decoder
 from powerserve_client.eval.report import paired_reward, plot, relative_table, summarise, table, write_json
 from powerserve_client.eval.run import EvalConfig, Row, evaluate

@@ -35,7 +35,8 @@ from typing import Any
 
 import httpx
 from bench_overhead import PROMPTS  # the same prompts as the serving-overhead benchmark
-from soak import ServerProcess  # benchmarks/soak.py, beside this script
+
+from powerserve.testing import ServerProcess
 
 CONCURRENCY = (1, 8)
 

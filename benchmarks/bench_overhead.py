@@ -17,15 +17,13 @@ import asyncio
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from powerserve.testing import ServerProcess
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -46,33 +44,12 @@ def chat_ids(tokenizer, text: str) -> list[int]:  # type: ignore[no-untyped-def]
     return list(tokenizer.encode(rendered, add_special_tokens=False))
 
 
-def start_server(port: int, mem: float) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "powerserve.cli",
-        "serve",
-        "--engine",
-        "vllm",
-        "--port",
-        str(port),
-        "--gpu-memory-utilization",
-        str(mem),
-        "--log-level",
-        "warning",
-        "--max-model-len",
-        "1024",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(1)
-    proc.kill()
-    raise TimeoutError("powerserve did not start")
+def start_server(port: int, mem: float, log_path: Path) -> ServerProcess:
+    """``powerserve serve`` on the vLLM engine (compiled, as deployed), once ``/health`` is 200."""
+    args = ["--gpu-memory-utilization", str(mem), "--max-model-len", "1024"]
+    server = ServerProcess(engine="vllm", extra_args=args, port=port, log_path=log_path)
+    server.wait_ready(timeout_s=600)
+    return server
 
 
 async def powerserve_round(
@@ -148,6 +125,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--port", type=int, default=8931)
     ap.add_argument("--mem", type=float, default=0.15, help="KV-cache memory share for each of the two engines")
+    ap.add_argument("--log", type=Path, default=Path("bench_overhead_server.log"), help="the server's log")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -160,7 +138,7 @@ def main() -> None:
     prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
     seeds = list(range(100, 100 + len(prompts)))
 
-    server = start_server(args.port, args.mem)
+    server = start_server(args.port, args.mem, args.log)
     try:
         # The same engine settings powerserve's vLLM engine uses (dtype float32 on CPU, prefix caching).
         llm = LLM(
@@ -187,8 +165,7 @@ def main() -> None:
                 same_outputs &= [len(o) for o in out_d] == [len(o) for o in out_p]
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        server.kill(grace_s=60)
 
     print(
         f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; model SmolLM2-135M-Instruct (float32); "

@@ -182,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from powerserve.model_store import ensure_embedded_checkpoint
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from soak import ServerProcess  # benchmarks/soak.py, beside this script
+    from powerserve.testing import ServerProcess
 
     ns = parse_args(argv)
     server = None

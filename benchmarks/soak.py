@@ -36,9 +36,6 @@ import json
 import math
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -49,6 +46,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from powerserve.testing import ServerProcess
 from powerserve_client.loadgen import check_loopback
 
 MAX_DURATION_S = 3600.0
@@ -69,79 +67,6 @@ PROMPTS = [
 
 
 # --- the server process ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServerProcess:
-    """``powerserve serve`` on 127.0.0.1 in its own process group, logging to ``log_path``."""
-
-    def __init__(
-        self,
-        *,
-        model: str | None,
-        engine: str,
-        extra_args: list[str] | None = None,
-        log_path: Path,
-        port: int | None = None,
-    ) -> None:
-        self.port = port or free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "powerserve.cli", "serve", "--engine", engine, "--host", "127.0.0.1"]
-        cmd += ["--port", str(self.port), "--log-level", "warning"]
-        if model is not None:
-            cmd += ["--model", model]
-        cmd += extra_args or []
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self._log = open(log_path, "w")  # noqa: SIM115 (closed in kill)
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.kill()
-        raise TimeoutError(f"server not ready in {timeout_s:g} s:\n{self.log_tail()}")
-
-    def terminate(self) -> None:
-        """SIGTERM: the server drains, then exits."""
-        self.proc.send_signal(signal.SIGTERM)
-
-    def wait(self, timeout_s: float) -> int:
-        return self.proc.wait(timeout=timeout_s)
-
-    def kill(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL of its process group after 30 s)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
 
 
 def rss_kib(pid: int) -> int:

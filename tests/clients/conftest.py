@@ -3,6 +3,7 @@ the test client (an httpx client), or to a live loopback server for the load gen
 
 from __future__ import annotations
 
-from tests.serving.conftest import engine, make_client, tokenizer
+from tests.serving.conftest import engine, tokenizer
+from tests.serving.tiny_app import make_client
 
 __all__ = ["engine", "make_client", "tokenizer"]

@@ -15,7 +15,7 @@ from powerserve.protocol import PowerserveInfo
 from powerserve.protocol import SelfReward as ServerSelfReward
 from powerserve_client import Cost, power_mcmc, read_cost, standard, temperature
 from powerserve_client.cost import ChoiceCost, SelfReward
-from tests.serving.conftest import MODEL, make_client
+from tests.serving.tiny_app import MODEL, make_client
 
 
 @pytest.fixture(scope="module")

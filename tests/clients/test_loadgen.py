@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from powerserve.engine.torch_engine import TorchEngine
+from powerserve.testing import LiveServer
 from powerserve_client.loadgen import LoadSpec, Report, check_loopback, main, run
-from tests.dashboard.live_server import LiveServer
 
 MCMC = "power_mcmc:alpha=2,block_size=4,mcmc_steps=2"
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.serving.conftest import engine, make_client, tokenizer
+from tests.serving.conftest import engine, tokenizer
+from tests.serving.tiny_app import make_client
 
 __all__ = ["engine", "make_client", "tokenizer"]
 

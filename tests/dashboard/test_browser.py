@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from powerserve.engine.torch_engine import TorchEngine
-from tests.dashboard.live_server import LiveServer
-from tests.serving.conftest import MODEL
+from powerserve.testing import LiveServer
+from tests.serving.tiny_app import MODEL
 
 pytestmark = pytest.mark.browser
 

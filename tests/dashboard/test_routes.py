@@ -10,7 +10,7 @@ import pytest
 
 from powerserve import metrics
 from powerserve.engine.torch_engine import TorchEngine
-from tests.serving.conftest import MODEL, make_client
+from tests.serving.tiny_app import MODEL, make_client
 
 MCMC = {"name": "power_mcmc", "block_size": 4, "mcmc_steps": 2}
 

@@ -14,8 +14,8 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.deploy.conftest import DEPLOY, ROOT
-from tests.deploy.test_dockerfile import stages
+from tests.deploy.docker_stages import stages
+from tests.deploy.paths import DEPLOY, ROOT
 
 COMPOSE = DEPLOY / "compose.yaml"
 GPU_OVERLAY = DEPLOY / "compose.gpu.yaml"

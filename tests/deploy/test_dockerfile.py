@@ -7,38 +7,18 @@ from __future__ import annotations
 
 import re
 import tomllib
-from pathlib import Path
 
 import dockerfile
 import pytest
 
-from tests.deploy.conftest import ROOT
+from tests.deploy.docker_stages import first, stages
+from tests.deploy.paths import ROOT
 
-DOCKERFILE = ROOT / "Dockerfile"
 SETUP = "bash scripts/setup.sh"
-
-
-def stages(path: Path = DOCKERFILE) -> dict[str, list[dockerfile.Command]]:
-    """Instructions per stage name (a stage's FROM line first)."""
-    result: dict[str, list[dockerfile.Command]] = {}
-    current: list[dockerfile.Command] = []
-    for command in dockerfile.parse_file(str(path)):
-        if command.cmd == "FROM":
-            value = command.value
-            name = value[2] if len(value) == 3 and value[1].upper() == "AS" else f"#{len(result)}"
-            current = result.setdefault(name, [])
-        current.append(command)
-    return result
 
 
 def body(stage: list[dockerfile.Command]) -> list[tuple[str, tuple[str, ...]]]:
     return [(c.cmd, c.value) for c in stage[1:]]
-
-
-def first(stage: list[dockerfile.Command], cmd: str) -> dockerfile.Command:
-    found = [c for c in stage if c.cmd == cmd]
-    assert found, f"no {cmd}"
-    return found[-1]
 
 
 def env(stage: list[dockerfile.Command]) -> dict[str, str]:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.conftest import DEPLOY
+from tests.deploy.paths import DEPLOY
 from tests.deploy.series import label_values_metric, metric_names, powerserve_series, vllm_loggers_source, vllm_series
 
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "powerserve.json"

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from powerserve.settings import Settings
-from tests.deploy.conftest import DEPLOY
+from tests.deploy.docker_stages import first, stages
+from tests.deploy.paths import DEPLOY
 from tests.deploy.series import powerserve_series
-from tests.deploy.test_dockerfile import first, stages
 
 K8S = DEPLOY / "k8s"
 VERSIONS = ["1.25.0", kubernetes_validate.latest_version()]

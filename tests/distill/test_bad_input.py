@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from powerserve.cli import main
-from tests.distill.conftest import TEACHER_ARGS, write_prompts
+from tests.distill.support import TEACHER_ARGS, write_prompts
 
 
 def _fails(args: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:

@@ -21,7 +21,7 @@ from powerserve.engine.base import EngineStats, SamplingSpec
 from powerserve.engine.torch_engine import TorchEngine
 from powerserve.model_store import is_complete
 from powerserve.settings import Settings
-from tests.distill.conftest import TEACHER_ARGS, read_lines, write_prompts
+from tests.distill.support import TEACHER_ARGS, read_lines, write_prompts
 
 N_PROMPTS, PER_PROMPT = 4, 2
 

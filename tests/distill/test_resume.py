@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from powerserve.cli import main
-from tests.distill.conftest import TEACHER_ARGS, read_lines, write_prompts
+from tests.distill.support import TEACHER_ARGS, read_lines, write_prompts
 
 N_PROMPTS = 16
 START_TIMEOUT_S = 240

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import gc
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +23,7 @@ from openai import OpenAI
 
 from powerserve.engine.factory import vllm_available
 from powerserve.model_store import ensure_embedded_checkpoint
-from tests.e2e.conftest import START_TIMEOUT_S, free_port
+from powerserve.testing import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -66,41 +64,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         pytest.fail("vLLM is not installed: run scripts/setup.sh")
     work = tmp_path_factory.mktemp("lora")
     train_adapter(work / "banana")
-    port = free_port()
-    cmd = [sys.executable, "-m", "powerserve.cli", "serve", "--engine", "vllm", "--enforce-eager"]
-    cmd += ["--port", str(port), "--max-model-len", "512", "--log-level", "warning"]
-    cmd += ["--distilled", f"banana={work / 'banana'}"]
-    log_path = work / "server.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    args = ["--enforce-eager", "--max-model-len", "512", "--distilled", f"banana={work / 'banana'}"]
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    srv = ServerProcess(engine="vllm", extra_args=args, log_path=work / "server.log", env=env)
     try:
-        _wait_ready(proc, base, log_path)
-        yield base, log_path
+        srv.wait_ready(timeout_s=300)
+        yield srv.base, srv.log_path
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], base: str, log_path: Path) -> None:
-    import time
-
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"server not ready in {START_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
+        srv.kill(grace_s=60)
 
 
 def test_lora_student_beside_the_base_on_one_vllm_engine(served: tuple[str, Path]) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from powerserve.model_store import ensure_embedded_checkpoint
-from tests.e2e.conftest import API_KEY, Server
+from powerserve.testing import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -52,17 +51,13 @@ SEED = 1234  # lm-eval's default request seed
 
 
 @pytest.fixture(scope="module", autouse=True)
-def offline() -> Iterator[None]:
+def offline(server: ServerProcess) -> Iterator[None]:
     """No hub, no network: the harness must work from the local files alone."""
-    keys = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": API_KEY}
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    assert server.api_key is not None
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": server.api_key}.items():
+            env.setenv(key, value)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -70,27 +65,27 @@ def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("lm_eval_tasks")
     for name, docs in (("mc", MC_DOCS), ("gen", GEN_DOCS)):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    common = {"dataset_path": "json", "test_split": "test"}
-    mc = {
-        "task": "ps_mc",
-        **common,
-        "dataset_kwargs": {"data_files": {"test": str(root / "mc.jsonl")}},
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{question}}",
-        "doc_to_choice": "{{choices}}",
-        "doc_to_target": "{{label}}",
-        "metric_list": [{"metric": "acc"}],
-    }
-    gen = {
-        "task": "ps_gen",
-        **common,
-        "dataset_kwargs": {"data_files": {"test": str(root / "gen.jsonl")}},
-        "output_type": "generate_until",
-        "doc_to_text": "Question: {{question}}\nAnswer:",
-        "doc_to_target": "{{answer}}",
-        "generation_kwargs": {"until": ["\n"], "max_gen_toks": MAX_GEN_TOKS, "do_sample": False},
-        "metric_list": [{"metric": "exact_match", "regexes_to_ignore": [r"\s", r"\."], "ignore_case": True}],
-    }
+
+    def task(name: str, **fields: Any) -> dict[str, Any]:
+        data = {"data_files": {"test": str(root / f"{name}.jsonl")}}
+        return {"task": f"ps_{name}", "dataset_path": "json", "test_split": "test", "dataset_kwargs": data, **fields}
+
+    mc = task(
+        "mc",
+        output_type="multiple_choice",
+        doc_to_text="{{question}}",
+        doc_to_choice="{{choices}}",
+        doc_to_target="{{label}}",
+        metric_list=[{"metric": "acc"}],
+    )
+    gen = task(
+        "gen",
+        output_type="generate_until",
+        doc_to_text="Question: {{question}}\nAnswer:",
+        doc_to_target="{{answer}}",
+        generation_kwargs={"until": ["\n"], "max_gen_toks": MAX_GEN_TOKS, "do_sample": False},
+        metric_list=[{"metric": "exact_match", "regexes_to_ignore": [r"\s", r"\."], "ignore_case": True}],
+    )
     (root / "ps_mc.yaml").write_text(yaml.safe_dump(mc))
     (root / "ps_gen.yaml").write_text(yaml.safe_dump(gen))
     return root
@@ -106,7 +101,7 @@ def reference() -> tuple[Any, Any]:
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def tolerance(server: Server) -> float:
+def tolerance(server: ServerProcess) -> float:
     return 1e-4 if server.engine == "torch" else 1e-3
 
 
@@ -130,7 +125,7 @@ def ref_logprobs(model: Any, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits[:-1], dim=-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
 
 
-def requests_served(server: Server, decoder: str) -> float:
+def requests_served(server: ServerProcess, decoder: str) -> float:
     fams = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server.base}/metrics", timeout=60).text)}
     return sum(
         s.value
@@ -139,13 +134,11 @@ def requests_served(server: Server, decoder: str) -> float:
     )
 
 
-def test_echo_matches_transformers(server: Server, model: str, reference: tuple[Any, Any]) -> None:
+def test_echo_matches_transformers(server: ServerProcess, model: str, reference: tuple[Any, Any]) -> None:
     hf, tok = reference
     ids = tok.encode("The history of the printing press begins in Germany", add_special_tokens=False)
     body = {"model": model, "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 0}
-    resp = httpx.post(
-        f"{server.base}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120
-    )
+    resp = httpx.post(f"{server.base}/v1/completions", json=body, headers=server.headers, timeout=120)
     assert resp.status_code == 200, resp.text
     got = resp.json()["choices"][0]["logprobs"]["token_logprobs"]
     assert got[0] is None and len(got) == len(ids)
@@ -154,10 +147,12 @@ def test_echo_matches_transformers(server: Server, model: str, reference: tuple[
     assert diff < tolerance(server)
 
 
-def test_loglikelihood_multiple_choice(server: Server, model: str, task_dir: Path, reference: tuple[Any, Any]) -> None:
+def test_loglikelihood_multiple_choice(
+    server: ServerProcess, model: str, task_dir: Path, reference: tuple[Any, Any]
+) -> None:
     hf, tok = reference
     args = {"model": model, "base_url": f"{server.base}/v1/completions", "tokenizer_backend": "remote"}
-    out = evaluate(task_dir, "ps_mc", "local-completions", {**args, "auth_token": API_KEY})
+    out = evaluate(task_dir, "ps_mc", "local-completions", {**args, "auth_token": server.api_key})
     samples = sorted(out["samples"]["ps_mc"], key=lambda s: s["doc_id"])
     assert len(samples) == len(MC_DOCS)
     hits = []
@@ -190,34 +185,35 @@ def _exact(pred: str, target: str) -> float:
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 def test_generate_until_with_decoder_alias(
-    server: Server, model: str, task_dir: Path, reference: tuple[Any, Any], endpoint: str
+    server: ServerProcess, model: str, task_dir: Path, reference: tuple[Any, Any], endpoint: str
 ) -> None:
     _, tok = reference
     alias = f"{model}:temperature"
     before = requests_served(server, "temperature")
+    url = f"{server.base}/v1/{'completions' if endpoint == 'completions' else 'chat/completions'}"
     if endpoint == "completions":
-        args = {"base_url": f"{server.base}/v1/completions", "tokenizer_backend": "remote", "auth_token": API_KEY}
+        args = {"base_url": url, "tokenizer_backend": "remote", "auth_token": server.api_key}
         out = evaluate(task_dir, "ps_gen", "local-completions", {"model": alias, **args})
     else:
-        args = {"base_url": f"{server.base}/v1/chat/completions"}
-        out = evaluate(task_dir, "ps_gen", "local-chat-completions", {"model": alias, **args}, apply_chat_template=True)
+        out = evaluate(
+            task_dir, "ps_gen", "local-chat-completions", {"model": alias, "base_url": url}, apply_chat_template=True
+        )
     samples = sorted(out["samples"]["ps_gen"], key=lambda s: s["doc_id"])
     assert len(samples) == len(GEN_DOCS)
     assert requests_served(server, "temperature") - before == len(GEN_DOCS)
 
-    headers = {"Authorization": f"Bearer {API_KEY}"}
     scores = []
     for doc, sample in zip(GEN_DOCS, samples, strict=True):
+        # The same request the harness sent, by hand: its answer must be the harness's.
         text = f"Question: {doc['question']}\nAnswer:"
-        common = {"model": alias, "max_tokens": MAX_GEN_TOKS, "temperature": 0, "seed": SEED}
+        body: dict[str, Any] = {"model": alias, "max_tokens": MAX_GEN_TOKS, "temperature": 0, "seed": SEED}
         if endpoint == "completions":
-            body = {**common, "prompt": [tok.encode(text, add_special_tokens=False)], "stop": ["\n", tok.eos_token]}
-            resp = httpx.post(f"{server.base}/v1/completions", json=body, headers=headers, timeout=120).json()
-            mine = resp["choices"][0]["text"]
+            body |= {"prompt": [tok.encode(text, add_special_tokens=False)], "stop": ["\n", tok.eos_token]}
         else:
-            body = {**common, "messages": [{"role": "user", "content": text}], "stop": ["\n"]}
-            resp = httpx.post(f"{server.base}/v1/chat/completions", json=body, headers=headers, timeout=120).json()
-            mine = resp["choices"][0]["message"]["content"]
+            body |= {"messages": [{"role": "user", "content": text}], "stop": ["\n"]}
+        resp = httpx.post(url, json=body, headers=server.headers, timeout=120).json()
+        choice = resp["choices"][0]
+        mine = choice["text"] if endpoint == "completions" else choice["message"]["content"]
         assert resp["powerserve"]["decoder"] == "temperature"
         assert sample["resps"][0][0] == mine
         scores.append(_exact(mine, doc["answer"]))

@@ -10,7 +10,7 @@ import time
 import httpx
 from openai import OpenAI
 
-from tests.e2e.conftest import API_KEY, Server
+from powerserve.testing import ServerProcess
 
 QUESTION = [{"role": "user", "content": "What is 7 + 5? Explain briefly."}]
 # Resampling at every check makes the particles' genealogy coalesce within a few checks.
@@ -41,10 +41,10 @@ def test_power_smc_streams_text_before_the_end_with_the_same_answer(client: Open
     assert len(early_runs) >= 1, early_runs
 
 
-def test_power_mcmc_progress_is_visible_to_a_raw_reader(server: Server, model: str) -> None:
+def test_power_mcmc_progress_is_visible_to_a_raw_reader(server: ServerProcess, model: str) -> None:
     decoder = {"name": "power_mcmc", "alpha": 4, "block_size": 8, "mcmc_steps": 3}
     body = {"model": model, "prompt": "The capital of France is", "max_tokens": 24, "decoder": decoder}
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+    headers = server.headers
     progress: list[dict[str, object]] = []
     first_data = None
     with (

@@ -5,21 +5,16 @@ set and two HumanEval problems; then the JSON result, the plots and the table.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from powerserve.cli import main
 from powerserve.model_store import ensure_embedded_checkpoint
-from tests.e2e.conftest import free_port
+from powerserve.testing import ServerProcess
 from tests.tiny_model import save_tiny_checkpoint
 
-START_TIMEOUT_S = 180
 DECODERS = ["standard", "temperature:alpha=4", "power_mcmc:alpha=4,block_size=4,mcmc_steps=1", "distilled"]
 
 
@@ -31,32 +26,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     # Any checkpoint with the base's tokenizer can stand in for a distilled one here; the
     # pipeline that makes real ones is tested in tests/distill.
     student = save_tiny_checkpoint(str(work / "student"), tokenizer, seed=1)
-    port = free_port()
-    cmd = [sys.executable, "-m", "powerserve.cli", "serve", "--engine", "torch", "--model", base]
-    cmd += ["--distilled", student, "--port", str(port), "--max-model-len", "1024", "--log-level", "warning"]
-    log_path = work / "server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        yield url, base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    args = ["--distilled", student, "--max-model-len", "1024"]
+    with ServerProcess(engine="torch", model=base, extra_args=args, log_path=work / "server.log") as srv:
+        yield srv.base, base
 
 
 @pytest.fixture(scope="module")

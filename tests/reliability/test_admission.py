@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from powerserve.serving.admission import Admission, Ticket
-from tests.reliability.conftest import (
+from tests.reliability.support import (
     LONG_MCMC,
     LONG_MCMC_SETTINGS,
     MODEL,

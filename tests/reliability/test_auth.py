@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from fastapi.routing import APIRoute
 
-from tests.reliability.conftest import MODEL, assert_openai_error
-from tests.serving.conftest import make_client
+from tests.reliability.support import MODEL, assert_openai_error
+from tests.serving.tiny_app import make_client
 
 KEY = "sekret-key"
 BAD_HEADERS = [

@@ -26,7 +26,7 @@ from powerserve.decoders.power_mcmc import (
 )
 from powerserve.decoders.power_smc import PowerSmcParams
 from powerserve.decoders.registry import DECODERS
-from tests.reliability.conftest import MODEL, LiveServer, assert_openai_error, live
+from tests.reliability.support import MODEL, LiveServer, assert_openai_error, live
 
 
 @pytest.fixture(scope="module")

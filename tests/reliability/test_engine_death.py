@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import threading
 import time
 from typing import Any
@@ -26,7 +25,8 @@ from powerserve.app import create_app
 from powerserve.engine.factory import vllm_available
 from powerserve.server import ENGINE_DEAD_EXIT_CODE, DrainingServer
 from powerserve.settings import Settings
-from tests.reliability.conftest import (
+from powerserve.testing import free_port
+from tests.reliability.support import (
     LONG_MCMC,
     LONG_MCMC_SETTINGS,
     MODEL,
@@ -36,12 +36,6 @@ from tests.reliability.conftest import (
 )
 
 EXIT_BOUND_S = 30.0  # the server must be gone this long after its engine died
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_watchdog_fails_in_flight_work_and_exits(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:

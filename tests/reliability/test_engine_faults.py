@@ -17,7 +17,7 @@ import pytest
 
 from powerserve.engine import sampling, scheduler
 from powerserve.engine.base import EngineStats, SamplingSpec
-from tests.reliability.conftest import MODEL, live
+from tests.reliability.support import MODEL, live
 
 POISON_SEED = 666
 

@@ -39,7 +39,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import response_schema_conformance
 
 from powerserve_client.loadgen import check_loopback
-from tests.reliability.conftest import live, metric
+from tests.reliability.support import live, metric
 
 MAX_EXAMPLES = int(os.environ.get("POWERSERVE_FUZZ_EXAMPLES", "100"))
 EXTREME_LIMIT_S = 5.0

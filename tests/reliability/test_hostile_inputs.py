@@ -18,8 +18,8 @@ import httpx
 import pytest
 from benchmarks.soak import decoder_bodies
 
-from tests.reliability.conftest import MODEL, SETTINGS, LiveServer, assert_openai_error, live
-from tests.serving.conftest import MAX_MODEL_LEN
+from tests.reliability.support import MODEL, SETTINGS, LiveServer, assert_openai_error, live
+from tests.serving.tiny_app import MAX_MODEL_LEN
 
 MAX_N = SETTINGS["max_n"]
 MAX_TOKENS = SETTINGS["max_tokens_limit"]

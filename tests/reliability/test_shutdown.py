@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from tests.reliability.conftest import LONG_MCMC, assert_openai_error, metric, parse_sse
+from tests.reliability.support import LONG_MCMC, assert_openai_error, metric, parse_sse
 
 # About 2-3 s on the tiny checkpoint: long enough to be caught running, short enough to drain.
 SHORT_MCMC = {"name": "power_mcmc", "alpha": 4, "block_size": 16, "mcmc_steps": 20, "proposals": 1}

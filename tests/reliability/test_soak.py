@@ -19,7 +19,7 @@ import httpx
 import pytest
 from benchmarks.soak import SoakSpec, main, soak
 
-from tests.reliability.conftest import metric
+from tests.reliability.support import metric
 
 
 def test_short_soak_meets_the_targets(server_factory: Any) -> None:

@@ -19,7 +19,7 @@ from benchmarks.load_mix import RequestMix, burst, token_prompt
 
 from powerserve.engine.factory import vllm_available
 from powerserve.model_store import ensure_embedded_checkpoint
-from tests.reliability.conftest import ServerProcess
+from tests.reliability.support import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

@@ -4,7 +4,6 @@ streaming, metrics, and a 4xx with an OpenAI-shaped error for every kind of bad 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from typing import Any
 
@@ -14,31 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from powerserve.engine.base import EngineStats, SamplingSpec
 from powerserve.engine.torch_engine import TorchEngine
-from tests.serving.conftest import MAX_MODEL_LEN, MODEL, make_client
-
-
-def post(client: TestClient, path: str, body: Any) -> Any:
-    return client.post(path, json=body)
-
-
-def assert_openai_error(resp: Any, status: int, param: str | None = None) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert isinstance(err["message"], str) and err["message"]
-    if param is not None:
-        assert err["param"] == param, err
-    return dict(err)
-
-
-def sse_events(resp: Any) -> list[Any]:
-    events = []
-    for line in resp.iter_lines():
-        if line.startswith("data: "):
-            payload = line[len("data: ") :]
-            events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
-
+from tests.serving.http_client import assert_openai_error, post, sse_events
+from tests.serving.tiny_app import MAX_MODEL_LEN, MODEL, make_client
 
 # --- happy paths ------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from powerserve.engine.torch_engine import TorchEngine
-from tests.serving.conftest import MODEL
+from tests.serving.tiny_app import MODEL
 
 TOL = 1e-4
 TEXT = "The quick brown fox jumps over the lazy dog because"

@@ -15,8 +15,8 @@ from powerserve.protocol import CompletionRequest
 from powerserve.serving.completions import stream_completion
 from powerserve.serving.state import ServerState
 from powerserve.settings import Settings
-from tests.serving.conftest import MODEL, make_client
-from tests.serving.test_api import assert_openai_error, post, sse_events
+from tests.serving.http_client import assert_openai_error, post, sse_events
+from tests.serving.tiny_app import MODEL, make_client
 
 MCMC = {"name": "power_mcmc", "alpha": 4, "block_size": 4, "mcmc_steps": 3}
 

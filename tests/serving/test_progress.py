@@ -22,7 +22,7 @@ from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams
 from powerserve.engine.base import EngineStats, SamplingSpec, TokenStep
 from powerserve.engine.torch_engine import TorchEngine
 from powerserve.serving.streaming import PROGRESS_PREFIX
-from tests.serving.conftest import MAX_MODEL_LEN, MODEL, make_client, tiny_serving_model
+from tests.serving.tiny_app import MAX_MODEL_LEN, MODEL, make_client, tiny_serving_model
 from tests.tabular_engine import TabularEngine
 
 FAST = {"progress_interval_s": 0.02}

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.serving.conftest import MODEL
+from tests.serving.tiny_app import MODEL
 
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from powerserve.engine.torch_engine import TorchEngine
-from tests.serving.conftest import MAX_MODEL_LEN, MODEL, make_client
+from tests.serving.tiny_app import MAX_MODEL_LEN, MODEL, make_client
 
 MESSAGES = [{"role": "user", "content": "What is 7 + 5?"}]
 

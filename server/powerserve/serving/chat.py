@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from collections.abc import AsyncIterator
-
-from fastapi import Request
+from typing import Literal
 
 from powerserve.errors import BadRequestError
 from powerserve.protocol import (
@@ -26,7 +23,7 @@ from powerserve.serving.logprob_stream import HeldRunner, token_pieces
 from powerserve.serving.plan import build_plan, encode_text
 from powerserve.serving.runner import ChoiceResult, Delta, Outcome, Runner
 from powerserve.serving.state import ServerState
-from powerserve.serving.streaming import cancel_on_disconnect, stream_events
+from powerserve.serving.streaming import chunk_maker, stream_events
 
 
 def _prompt_ids(state: ServerState, body: ChatCompletionRequest) -> tuple[int, ...]:
@@ -51,11 +48,9 @@ async def _runner(state: ServerState, body: ChatCompletionRequest) -> Runner:
     return (HeldRunner if held else Runner)(state, plan)
 
 
-async def create_chat_completion(
-    state: ServerState, body: ChatCompletionRequest, request: Request
-) -> ChatCompletionResponse:
+async def create_chat_completion(state: ServerState, body: ChatCompletionRequest) -> ChatCompletionResponse:
     runner = await _runner(state, body)
-    outcome = await cancel_on_disconnect(request, runner.run())
+    outcome = await runner.run()
     logprobs = None
     if body.logprobs:  # a detokenising pass per token and top token: off the loop
         logprobs = await asyncio.to_thread(lambda: [_logprobs(state, c) for c in outcome.choices])
@@ -79,44 +74,38 @@ async def stream_chat_completion(state: ServerState, body: ChatCompletionRequest
     """The SSE lines of a streamed chat completion; awaiting this validates the request first,
     so that its errors surface as an HTTP status before the stream starts."""
     runner = await _runner(state, body)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    chunk = chunk_maker(ChatCompletionChunk, body.model)
     started: set[int] = set()
 
-    def chunk(choices: list[ChatChunkChoice], **extra: object) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=rid, created=created, model=body.model, choices=choices, **extra)  # type: ignore[arg-type]
+    def delta(index: int, content: str | None = None) -> DeltaMessage:
+        """A choice's first delta names the role; later ones do not."""
+        role: Literal["assistant"] | None = None if index in started else "assistant"
+        started.add(index)
+        return DeltaMessage(role=role, content=content)
 
     def delta_chunk(d: Delta) -> ChatCompletionChunk:
-        role = None if d.index in started else "assistant"
-        started.add(d.index)
-        return chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(role=role, content=d.text))])
+        return chunk([ChatChunkChoice(index=d.index, delta=delta(d.index, d.text))])
 
     def token_chunks(outcome: Outcome) -> list[ChatCompletionChunk]:
         out = []
         for c in outcome.choices:
             content = _logprobs(state, c).content or []
             for i, text in enumerate(token_pieces(state, runner.plan.stop, c)):
-                role = None if c.index in started else "assistant"
-                started.add(c.index)
                 logprobs = ChatLogprobs(content=content[i : i + 1])
-                delta = DeltaMessage(role=role, content=text)
-                out.append(chunk([ChatChunkChoice(index=c.index, delta=delta, logprobs=logprobs)]))
+                out.append(chunk([ChatChunkChoice(index=c.index, delta=delta(c.index, text), logprobs=logprobs)]))
         return out
 
     def final_chunks(outcome: Outcome, finishes: list[Delta]) -> list[ChatCompletionChunk]:
         out = token_chunks(outcome) if body.logprobs else []
         for d in finishes:
-            role = None if d.index in started else "assistant"
-            out.append(
-                chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(role=role), finish_reason=d.finish_reason)])
-            )
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        if include_usage:
-            out.append(chunk([], usage=outcome.usage(), powerserve=outcome.info))
-        elif out:
-            out[-1].powerserve = outcome.info
+            out.append(chunk([ChatChunkChoice(index=d.index, delta=delta(d.index), finish_reason=d.finish_reason)]))
         return out
 
-    return stream_events(runner, delta_chunk, final_chunks)
+    def usage_chunk(outcome: Outcome) -> ChatCompletionChunk:
+        return chunk([], usage=outcome.usage(), powerserve=outcome.info)
+
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return stream_events(runner, delta_chunk, final_chunks, usage_chunk if include_usage else None)
 
 
 def _logprobs(state: ServerState, choice: ChoiceResult) -> ChatLogprobs:

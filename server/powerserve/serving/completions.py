@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
-from collections.abc import AsyncIterator
-
-from fastapi import Request
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from powerserve.errors import BadRequestError
 from powerserve.protocol import (
@@ -21,7 +18,7 @@ from powerserve.serving.logprob_stream import HeldRunner, token_pieces
 from powerserve.serving.plan import build_plan, tokenize_prompts
 from powerserve.serving.runner import ChoiceResult, Delta, Outcome, Runner
 from powerserve.serving.state import ServerState
-from powerserve.serving.streaming import cancel_on_disconnect, stream_events
+from powerserve.serving.streaming import chunk_maker, stream_events
 
 
 async def _runner(state: ServerState, body: CompletionRequest) -> Runner:
@@ -38,18 +35,13 @@ async def _runner(state: ServerState, body: CompletionRequest) -> Runner:
     return (HeldRunner if held else Runner)(state, plan)
 
 
-async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> CompletionResponse:
+async def create_completion(state: ServerState, body: CompletionRequest) -> CompletionResponse:
     runner = await _runner(state, body)
-
-    async def run() -> tuple[Outcome, list[PromptScores] | None]:
-        outcome = await runner.run()
-        if not (body.echo and body.logprobs is not None):
-            return outcome, None
+    outcome = await runner.run()
+    scores = None
+    if body.echo and body.logprobs is not None:
         scores, stats = await score_prompts(state.engine, runner.plan.prompts, body.logprobs)
         add_cost(outcome, stats, runner.labels)
-        return outcome, scores
-
-    outcome, scores = await cancel_on_disconnect(request, run())
     n = runner.plan.n
     all_logprobs = None
     if body.logprobs is not None:  # a detokenising pass per token and top token: off the loop
@@ -71,10 +63,7 @@ async def stream_completion(state: ServerState, body: CompletionRequest) -> Asyn
     """The SSE lines of a streamed completion; awaiting this validates the request first, so
     that its errors surface as an HTTP status before the stream starts."""
     runner = await _runner(state, body)
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-    def chunk(choices: list[CompletionChoice], **extra: object) -> CompletionResponse:
-        return CompletionResponse(id=rid, created=created, model=body.model, choices=choices, **extra)  # type: ignore[arg-type]
+    chunk = chunk_maker(CompletionResponse, body.model)
 
     def delta_chunk(d: Delta) -> CompletionResponse:
         return chunk([CompletionChoice(index=d.index, text=d.text, finish_reason=None)])
@@ -96,14 +85,13 @@ async def stream_completion(state: ServerState, body: CompletionRequest) -> Asyn
     def final_chunks(outcome: Outcome, finishes: list[Delta]) -> list[CompletionResponse]:
         out = token_chunks(outcome) if body.logprobs is not None else []
         out += [chunk([CompletionChoice(index=d.index, text="", finish_reason=d.finish_reason)]) for d in finishes]
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        if include_usage:
-            out.append(chunk([], usage=outcome.usage(), powerserve=outcome.info))
-        elif out:
-            out[-1].powerserve = outcome.info
         return out
 
-    return stream_events(runner, delta_chunk, final_chunks)
+    def usage_chunk(outcome: Outcome) -> CompletionResponse:
+        return chunk([], usage=outcome.usage(), powerserve=outcome.info)
+
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return stream_events(runner, delta_chunk, final_chunks, usage_chunk if include_usage else None)
 
 
 def _prompt_text(state: ServerState, body: CompletionRequest, prompts: list[tuple[int, ...]], p: int) -> str:
@@ -119,18 +107,10 @@ def _echoed(
     state: ServerState, prompt: PromptScores, prompt_text: str, completion: CompletionLogprobs
 ) -> CompletionLogprobs:
     """The prompt's entries, then the completion's (its offsets shifted past the prompt text)."""
-    tok = state.tokenizer
-    tokens = [tok.decode([t]) for t in prompt.token_ids]
-    offsets, pos = [], 0
-    for piece in tokens:
-        offsets.append(pos)
-        pos += len(piece)
+    tokens, offsets = _pieces(state, prompt.token_ids)
     top = None
     if completion.top_logprobs is not None or prompt.top is not None:
-        prompt_top = [
-            None if row is None else {tok.decode([t]): lp for t, lp in row.items()} for row in prompt.top or []
-        ]
-        top = [*prompt_top, *(completion.top_logprobs or [])]
+        top = [*_top_texts(state, prompt.top or []), *(completion.top_logprobs or [])]
     return CompletionLogprobs(
         tokens=[*tokens, *completion.tokens],
         token_logprobs=[*prompt.logp, *completion.token_logprobs],
@@ -140,14 +120,23 @@ def _echoed(
 
 
 def _logprobs(state: ServerState, choice: ChoiceResult) -> CompletionLogprobs:
-    tok = state.tokenizer
-    tokens = [tok.decode([t]) for t in choice.token_ids]
+    tokens, offsets = _pieces(state, choice.token_ids)
+    top = None if choice.top is None else _top_texts(state, choice.top)
+    logp: list[float | None] = list(choice.logp)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=logp, top_logprobs=top, text_offset=offsets)
+
+
+def _pieces(state: ServerState, token_ids: Sequence[int]) -> tuple[list[str], list[int]]:
+    """Each token's text and its offset into their concatenation (OpenAI's ``text_offset``)."""
+    tokens = [state.tokenizer.decode([t]) for t in token_ids]
     offsets, pos = [], 0
     for piece in tokens:
         offsets.append(pos)
         pos += len(piece)
-    top: list[dict[str, float] | None] | None = None
-    if choice.top is not None:
-        top = [{tok.decode([t]): lp for t, lp in row.items()} for row in choice.top]
-    logp: list[float | None] = list(choice.logp)
-    return CompletionLogprobs(tokens=tokens, token_logprobs=logp, top_logprobs=top, text_offset=offsets)
+    return tokens, offsets
+
+
+def _top_texts(state: ServerState, rows: Sequence[dict[int, float] | None]) -> list[dict[str, float] | None]:
+    """Top-token rows keyed by token text instead of id (a missing row stays ``None``)."""
+    tok: Any = state.tokenizer
+    return [None if row is None else {tok.decode([t]): lp for t, lp in row.items()} for row in rows]

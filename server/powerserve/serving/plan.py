@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams, OpenAISampling
 from powerserve.errors import BadRequestError, NotFoundError
-from powerserve.protocol import DecoderChoice, _SamplingRequest
+from powerserve.protocol import DecoderChoice, SamplingRequest
 from powerserve.serving.state import ServerState
 
 
@@ -190,7 +190,7 @@ def _vocab_size(state: ServerState) -> int | None:
 
 def build_plan(
     state: ServerState,
-    request: _SamplingRequest,
+    request: SamplingRequest,
     prompts: list[tuple[int, ...]],
     requested_max_tokens: int | None,
     logprobs: int | None,

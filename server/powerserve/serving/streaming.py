@@ -1,4 +1,4 @@
-"""Server-sent events and client-disconnect handling shared by the endpoints.
+"""Server-sent events shared by the endpoints.
 
 A stream sends text as soon as a choice makes it final, holds the finish chunks until the
 request's cost is known (so the last one can carry the ``powerserve`` object), sends a usage
@@ -22,25 +22,41 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
-from fastapi import Request
 from pydantic import BaseModel
 
-from powerserve.errors import PowerserveError, RequestCancelled, error_body
+from powerserve.errors import PowerserveError, error_body
+from powerserve.protocol import PowerserveInfo
 from powerserve.serving.runner import Delta, Outcome, Runner
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 5.0
 PROGRESS_PREFIX = ": powerserve.progress "
-DISCONNECT_POLL_S = 0.2
-T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
-def sse(payload: BaseModel | dict[str, Any]) -> str:
-    body = payload.model_dump_json() if isinstance(payload, BaseModel) else _json(payload)
+class Chunk(Protocol):
+    """A stream chunk (``CompletionResponse`` or ``ChatCompletionChunk``): the last one sent
+    carries the request's ``powerserve`` object."""
+
+    powerserve: PowerserveInfo | None
+
+    def model_dump_json(self) -> str: ...
+
+
+def chunk_maker(cls: type[M], model: str) -> Callable[..., M]:
+    """A constructor ``chunk(choices, **fields)`` for the chunks of one stream. Every chunk
+    carries the same ``id`` and ``created``: those the model's own default factories gave the
+    first (so a response id is made in one place, ``powerserve.protocol``)."""
+    head = cls(model=model, choices=[]).model_dump(include={"id", "created"})
+    return lambda choices, **fields: cls(**head, model=model, choices=choices, **fields)
+
+
+def sse(payload: Chunk | dict[str, Any]) -> str:
+    body = _json(payload) if isinstance(payload, dict) else payload.model_dump_json()
     return f"data: {body}\n\n"
 
 
@@ -52,10 +68,16 @@ def _json(payload: dict[str, Any]) -> str:
 
 async def stream_events(
     runner: Runner,
-    delta_chunk: Callable[[Delta], BaseModel],
-    final_chunks: Callable[[Outcome, list[Delta]], Sequence[BaseModel]],
+    delta_chunk: Callable[[Delta], Chunk],
+    final_chunks: Callable[[Outcome, list[Delta]], Sequence[Chunk]],
+    usage_chunk: Callable[[Outcome], Chunk] | None,
 ) -> AsyncIterator[str]:
-    """Drive ``runner`` and yield SSE lines. Cancelling the consumer cancels the engine work."""
+    """Drive ``runner`` and yield SSE lines. Cancelling the consumer cancels the engine work.
+
+    ``delta_chunk`` turns text made final into a chunk; ``final_chunks`` gives the chunks sent
+    once the outcome is known (held token chunks, then the finish chunks, by choice index).
+    The tail: ``usage_chunk(outcome)`` when the client asked for usage
+    (``stream_options.include_usage``), else the ``powerserve`` object rides on the last chunk."""
     queue: asyncio.Queue[Delta | None] = asyncio.Queue()
     runner.on_delta = queue.put_nowait
     task = asyncio.create_task(runner.run())
@@ -84,7 +106,12 @@ async def stream_events(
             else:
                 yield sse(delta_chunk(item))
         outcome = task.result()
-        for chunk in final_chunks(outcome, sorted(finishes, key=lambda d: d.index)):
+        out = list(final_chunks(outcome, sorted(finishes, key=lambda d: d.index)))
+        if usage_chunk is not None:
+            out.append(usage_chunk(outcome))
+        elif out:
+            out[-1].powerserve = outcome.info
+        for chunk in out:
             yield sse(chunk)
     except PowerserveError as exc:
         yield sse(exc.body())
@@ -98,20 +125,3 @@ async def stream_events(
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     yield "data: [DONE]\n\n"
-
-
-async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                raise RequestCancelled()
-    finally:
-        if not task.done():
-            task.cancel()

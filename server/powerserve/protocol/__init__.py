@@ -1,0 +1,135 @@
+"""Request and response models, in the order of the OpenAI API reference.
+
+powerserve's own fields are fenced in marked blocks: ``decoder`` and ``timeout`` on requests
+(``requests.py``, ``decoder_choice.py``) and the ``powerserve`` object on responses
+(``responses.py``). Everything else is OpenAI's. One module per concept: ``bounds`` (the upper
+bound on everything a client controls), ``decoder_choice``, ``requests``, ``responses``,
+``listings`` (``/v1/models``, ``/v1/decoders``) and ``validation`` (which error a 400 reports).
+Import from here: ``from powerserve.protocol import CompletionRequest``.
+"""
+
+from __future__ import annotations
+
+from powerserve.protocol.bounds import (
+    MAX_CONTENT_PARTS,
+    MAX_DECODER_PARAMS,
+    MAX_LOGIT_BIAS,
+    MAX_MESSAGES,
+    MAX_N,
+    MAX_NAME_CHARS,
+    MAX_PROMPT_IDS,
+    MAX_PROMPTS,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MAX_TEXT_CHARS,
+    MAX_TIMEOUT_S,
+    MAX_TOKENS,
+    MAX_TOP_K,
+    at_most,
+)
+from powerserve.protocol.decoder_choice import (
+    DecoderChoice,
+    DecoderField,
+)
+from powerserve.protocol.listings import (
+    DecoderCard,
+    DecoderList,
+    ModelCard,
+    ModelList,
+    StudentCard,
+)
+from powerserve.protocol.requests import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    PromptField,
+    SamplingRequest,
+    StopString,
+    StreamOptions,
+    Text,
+    TextPart,
+    TokenId,
+)
+from powerserve.protocol.responses import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    ChoiceCost,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    DeltaMessage,
+    FinishReasonOut,
+    PowerserveInfo,
+    SelfReward,
+    TopLogprob,
+    Usage,
+    chat_id,
+    completion_id,
+    unix_now,
+)
+from powerserve.protocol.validation import (
+    error_param,
+    most_specific_error,
+)
+
+__all__ = [
+    "MAX_CONTENT_PARTS",
+    "MAX_DECODER_PARAMS",
+    "MAX_LOGIT_BIAS",
+    "MAX_MESSAGES",
+    "MAX_N",
+    "MAX_NAME_CHARS",
+    "MAX_PROMPTS",
+    "MAX_PROMPT_IDS",
+    "MAX_STOP",
+    "MAX_STOP_CHARS",
+    "MAX_TEXT_CHARS",
+    "MAX_TIMEOUT_S",
+    "MAX_TOKENS",
+    "MAX_TOP_K",
+    "AssistantMessage",
+    "ChatChoice",
+    "ChatChunkChoice",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatLogprobs",
+    "ChatMessage",
+    "ChatTokenLogprob",
+    "ChoiceCost",
+    "CompletionChoice",
+    "CompletionLogprobs",
+    "CompletionRequest",
+    "CompletionResponse",
+    "DecoderCard",
+    "DecoderChoice",
+    "DecoderField",
+    "DecoderList",
+    "DeltaMessage",
+    "FinishReasonOut",
+    "ModelCard",
+    "ModelList",
+    "PowerserveInfo",
+    "PromptField",
+    "SamplingRequest",
+    "SelfReward",
+    "StopString",
+    "StreamOptions",
+    "StudentCard",
+    "Text",
+    "TextPart",
+    "TokenId",
+    "TopLogprob",
+    "Usage",
+    "at_most",
+    "chat_id",
+    "completion_id",
+    "error_param",
+    "most_specific_error",
+    "unix_now",
+]
