@@ -38,7 +38,8 @@ def test_data_reports_each_decoder_with_the_costs_responses_reported(engine: Tor
     assert data["engine"] == "torch"
     for name, responses in infos.items():
         row = data["decoders"][name]
-        assert row["requests"] == {"success": 2}
+        # Prometheus series are process-global: an outcome another test created shows as 0 here.
+        assert {k: v for k, v in row["requests"].items() if v} == {"success": 2}
         assert row["completed"] == 2
         assert row["running"] == 0
         assert 0 < row["latency_p50"] <= row["latency_p95"] <= row["latency_p99"]

@@ -1,7 +1,7 @@
 """``power_lookahead``: the lookahead probabilities and their jackknife, parameters, seeding,
 cost accounting, and its distance to p(x)^alpha against temperature sampling's.
 
-Distribution checks use the enumerable tiny models of ``test_power_mcmc_exact`` (exact p^alpha
+Distribution checks use the enumerable tiny models of ``exact_cases`` (exact p^alpha
 by enumeration, max_tokens 3) on the exact tabular engine, given a ``top_logprobs`` here.
 R = 1000 runs (seeds 0..R-1) per setting; temperature 1/alpha is at exact TV 0.31 (alpha2) and
 0.35 (alpha4) from p^alpha.
@@ -34,7 +34,7 @@ from powerserve.decoders.power_lookahead import PowerLookaheadDecoder, PowerLook
 from powerserve.decoders.registry import DECODERS
 from powerserve.engine.base import EngineStats, TokenStep
 from powerserve.engine.torch_engine import TorchEngine
-from tests.decoders import test_power_mcmc_exact as exact
+from tests.decoders import exact_cases as exact
 from tests.tabular_engine import TabularEngine, total_variation
 
 N_RUNS = 1000

@@ -1,7 +1,7 @@
 """``power_smc``: the resampling maths, parameters, seeding, cost accounting, stream handling,
 and convergence to p(x)^alpha as the number of particles N grows.
 
-Convergence is measured on the enumerable tiny models of ``test_power_mcmc_exact`` (exact
+Convergence is measured on the enumerable tiny models of ``exact_cases`` (exact
 p^alpha by enumeration, exact tabular engine), max_tokens 3, with the most demanding settings:
 ESS checked after every token, ess_threshold = 1 (resample whenever the weights differ) and
 alpha ramped over the first 2 tokens, so resampling happens mid-ramp and the ramp correction
@@ -44,7 +44,7 @@ from powerserve.decoders.power_smc import (
 from powerserve.decoders.registry import DECODERS
 from powerserve.engine.base import EngineStats, SamplingSpec, TokenStep
 from powerserve.engine.torch_engine import TorchEngine
-from tests.decoders import test_power_mcmc_exact as exact
+from tests.decoders import exact_cases as exact
 from tests.tabular_engine import TabularEngine, tempered, total_variation
 
 N_RUNS = 2000

@@ -95,6 +95,8 @@ class Decoder(abc.ABC, Generic[P]):
     description: ClassVar[str]
     params_model: type[P]  # set on the class; validates a request's parameters into a P
     streams_tokens: ClassVar[bool]  # True: tokens are yielded as soon as they are sampled
+    # The parameter a model alias ``<model>:<decoder>:<variant>`` sets to <variant> (None: no such alias).
+    variant_param: ClassVar[str | None] = None
     # Parameters that make a request cheap (a few engine tokens): what soak, fuzz and hostile
     # tests send; published on the decoder's /v1/decoders card.
     cheap_params: ClassVar[dict[str, Any]] = {}

@@ -50,6 +50,7 @@ class DistilledDecoder(Decoder[DistilledParams]):
     )
     params_model = DistilledParams
     streams_tokens = True
+    variant_param = "student"
 
     def __init__(self, engine: Engine, students: dict[str, tuple[StudentSpec, Engine]]) -> None:
         super().__init__(engine)

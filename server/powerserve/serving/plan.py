@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams, OpenAISampling
+from powerserve.decoders.registry import DECODERS
 from powerserve.errors import BadRequestError, NotFoundError
 from powerserve.protocol import DecoderChoice, SamplingRequest
 from powerserve.serving.state import ServerState
@@ -55,9 +56,10 @@ def resolve_model(state: ServerState, model: str, decoder: str | DecoderChoice |
     alias_raw: dict[str, Any] = {}
     if model != state.model_name:
         base, sep, suffix = model.rpartition(":")
-        student_base, _, decoder_name = base.rpartition(":")
-        if decoder_name == "distilled" and student_base == state.model_name:  # <model>:distilled:NAME
-            base, suffix, alias_raw = student_base, decoder_name, {"student": suffix}
+        variant_base, _, decoder_name = base.rpartition(":")
+        variant_param = DECODERS[decoder_name].variant_param if decoder_name in DECODERS else None
+        if variant_param is not None and variant_base == state.model_name:  # <model>:<decoder>:<variant>
+            base, suffix, alias_raw = variant_base, decoder_name, {variant_param: suffix}
         if not sep or base != state.model_name:
             raise NotFoundError(
                 f"The model '{model}' does not exist. Served: '{state.model_name}', or "
@@ -75,11 +77,11 @@ def resolve_model(state: ServerState, model: str, decoder: str | DecoderChoice |
             f"The model alias selects decoder '{alias_decoder}' but the request's decoder is '{name}'.",
             param="decoder",
         )
-    if "student" in alias_raw and raw.get("student", alias_raw["student"]) != alias_raw["student"]:
-        raise BadRequestError(
-            f"The model alias selects student '{alias_raw['student']}' but the request's is '{raw['student']}'.",
-            param="decoder.student",
-        )
+    for key, value in alias_raw.items():
+        if raw.get(key, value) != value:
+            raise BadRequestError(
+                f"The model alias selects {key} '{value}' but the request's is '{raw[key]}'.", param=f"decoder.{key}"
+            )
     return name, {**alias_raw, **raw}
 
 
