@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_engine import EMBEDDED, build_model, make_engine, table
+from bench_engine import EMBEDDED, build_model, make_engine, publish, table
 
 from powerserve.decoders.base import DecodeRequest, OpenAISampling
 from powerserve.decoders.registry import DECODERS
@@ -79,12 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    report = asyncio.run(main_async(args))
-    print(report, flush=True)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        name = "tiny" if args.tiny else Path(args.config or args.model).stem
-        (args.out / f"decoders_{name}.md").write_text(report)
+    publish(asyncio.run(main_async(args)), args, "decoders")
     return 0
 
 

@@ -264,14 +264,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    report = asyncio.run(main_async(args))
+def publish(report: str, args: argparse.Namespace, prefix: str) -> None:
+    """Print ``report``; with ``--out``, also write it to OUT/<prefix>_<model>.md."""
     print(report, flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         name = "tiny" if args.tiny else Path(args.config or args.model).stem
-        (args.out / f"engine_{name}.md").write_text(report)
+        (args.out / f"{prefix}_{name}.md").write_text(report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    publish(asyncio.run(main_async(args)), args, "engine")
     return 0
 
 

@@ -9,7 +9,7 @@ prefill off (:func:`scheduler_args`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 # On a CPU "GPU memory" is the share of host memory vLLM reserves for the KV cache; its default
 # (0.92) refuses to start on a machine that also runs anything else.
@@ -39,6 +39,21 @@ def scheduler_args(on_cpu: bool, max_model_len: int, chunked_prefill: bool | Non
         return {} if chunked_prefill is None else {"enable_chunked_prefill": True}
     budget = max(max_model_len, SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": budget}
+
+
+class EngineOptions(TypedDict, total=False):
+    """The optional keyword arguments of :func:`engine_args` (and of ``VllmEngine.start``)."""
+
+    dtype: str
+    gpu_memory_utilization: float | None
+    enforce_eager: bool
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    seed: int
+    chunked_prefill: bool | None
+    max_loras: int
+    max_lora_rank: int
+    lora_target_modules: list[str] | None
 
 
 def engine_args(

@@ -28,13 +28,13 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import AsyncGenerator, Iterable
-from typing import Any
+from typing import Any, Unpack
 
 from powerserve.engine import vllm_requests
 from powerserve.engine.base import Engine, EngineStats, SamplingSpec, TokenStep
 from powerserve.engine.eos import eos_token_ids_at
 from powerserve.engine.lora import LoraEngine
-from powerserve.engine.vllm_args import engine_args
+from powerserve.engine.vllm_args import EngineOptions, engine_args
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +61,7 @@ class VllmEngine(Engine):
         *,
         model_name: str,
         max_model_len: int,
-        dtype: str = "auto",
-        gpu_memory_utilization: float | None = None,
-        enforce_eager: bool = False,
-        tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
-        seed: int = 0,
-        chunked_prefill: bool | None = None,
-        max_loras: int = 0,
-        max_lora_rank: int = 16,
-        lora_target_modules: list[str] | None = None,
+        **options: Unpack[EngineOptions],
     ) -> VllmEngine:
         """Load ``path`` (a checkpoint directory or hub name) into a new vLLM engine.
 
@@ -87,21 +78,7 @@ class VllmEngine(Engine):
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = engine_args(
-            path,
-            model_name=model_name,
-            max_model_len=max_model_len,
-            dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager,
-            tensor_parallel_size=tensor_parallel_size,
-            pipeline_parallel_size=pipeline_parallel_size,
-            seed=seed,
-            chunked_prefill=chunked_prefill,
-            max_loras=max_loras,
-            max_lora_rank=max_lora_rank,
-            lora_target_modules=lora_target_modules,
-        )
+        args = engine_args(path, model_name=model_name, max_model_len=max_model_len, **options)
         tokenizer = AutoTokenizer.from_pretrained(path)
         eos = eos_token_ids_at(path, tokenizer)
         log.info("starting vLLM on %s (dtype=%s, max_model_len=%d)", path, args.dtype, max_model_len)
