@@ -44,7 +44,10 @@ def test_last_boxed_keeps_nested_braces(text: str, content: str | None) -> None:
         ("\\frac{1}{2}", "The answer is \\boxed{0.5}.", True),
         ("\\frac{1}{2}", "The answer is \\boxed{1/2}.", True),
         ("0.5", "The answer is \\boxed{\\frac{1}{2}}.", True),
-        ("\\frac{1}{2}", "So the probability is 1/2.", True),
+        ("\\frac{1}{2}", "So the answer is 1/2.", True),
+        ("\\frac{1}{2}", "The final answer: $\\frac{1}{2}$\nThen 7 more.", True),
+        # no box and no stated answer: cut-off reasoning is not credited for its last number
+        ("12", "First 3 + 4 = 7, then 7 + 5 = 12", False),
         ("\\frac{1}{2}", "The answer is \\boxed{\\frac{1}{3}}.", False),
         # the last box counts, not an earlier one
         ("\\frac{14}{3}", "First \\boxed{14/3}, wait, no: \\boxed{5}.", False),

@@ -8,8 +8,11 @@ Grading (:func:`grade_math`):
 
 1. Gold: ``math_verify.parse("$" + answer + "$")``.
 2. Prediction: the content of the answer's last ``\\boxed{...}`` (braces balanced), parsed as
-   ``\\boxed{content}``; without a ``\\boxed{}``, the whole answer text, from which math-verify
-   takes its final expression.
+   ``\\boxed{content}``; without a ``\\boxed{}``, the text after the last "answer is" or
+   "answer:" (the final answer, stated), from which math-verify takes its expression. An
+   answer with neither has no final answer and is wrong: a small model's cut-off reasoning is
+   full of numbers, and taking the last of them would credit guesses (on the first 50 problems,
+   2 of standard's 50 answers were "right" that way, neither stating an answer).
 3. ``math_verify.verify(gold, prediction)``: symbolic and numeric equivalence, so ``1/2``,
    ``0.5`` and ``\\frac{1}{2}`` all match a gold ``\\frac{1}{2}``.
 
@@ -22,6 +25,7 @@ spawned worker process (in its main thread, with math-verify's own 5 s limits) a
 from __future__ import annotations
 
 import json
+import re
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -54,13 +58,31 @@ def last_boxed(text: str) -> str | None:
     return None  # unclosed: the answer was cut off inside the box
 
 
+_STATED = re.compile(r"answer\s*(?:is|:)", re.IGNORECASE)
+
+
+def final_statement(text: str) -> str | None:
+    """The rest of the line after the last "answer is" / "answer:" in ``text``, else None."""
+    matches = list(_STATED.finditer(text))
+    if not matches:
+        return None
+    rest = text[matches[-1].end() :].strip().split("\n", 1)[0]
+    return rest or None
+
+
 def verify_answer(gold: str, text: str) -> tuple[bool, str]:
     """Steps 1-3 of the module docstring, in this process (must be its main thread)."""
     from math_verify import parse, verify
 
     gold_parsed = parse(f"${gold}$")
     boxed = last_boxed(text)
-    pred = parse(f"\\boxed{{{boxed}}}" if boxed is not None else text)
+    stated = final_statement(text)
+    if boxed is not None:
+        pred = parse(f"\\boxed{{{boxed}}}")
+    elif stated is not None:
+        pred = parse(stated)
+    else:
+        return False, f"expected {gold}, found no \\boxed{{}} and no stated final answer"
     if not gold_parsed:
         return False, f"gold {gold!r} did not parse"
     if not pred:
