@@ -18,7 +18,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default="http://127.0.0.1:8000", help="base URL of a running powerserve")
     p.add_argument("--api-key", default=os.environ.get("POWERSERVE_API_KEY"))
     p.add_argument(
-        "--tasks", default="arithmetic:50", help="task sets, e.g. arithmetic:50,humaneval:20 (name[:first N])"
+        "--tasks",
+        default="arithmetic:50",
+        help="task sets, e.g. arithmetic:50,humaneval:20,math500:100 (name[:first N])",
     )
     p.add_argument(
         "--decoders",

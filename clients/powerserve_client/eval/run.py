@@ -60,7 +60,7 @@ class EvalConfig:
     request_timeout_s: float = 1800.0
 
 
-DEFAULT_MAX_TOKENS = {"arithmetic": 96, "humaneval": 192}
+DEFAULT_MAX_TOKENS = {"arithmetic": 96, "humaneval": 192, "math500": 128}
 
 
 async def server_info(client: httpx.AsyncClient) -> tuple[str, dict[str, dict[str, Any]]]:

