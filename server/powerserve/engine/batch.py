@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from powerserve.engine.base import SamplingSpec, TokenStep
-from powerserve.engine.kv_cache import CachedSequence, Snapshot, kv_layers, pad_left
+from powerserve.engine.kv_cache import CachedSequence, Snapshot, kv_layers, new_cache, pad_left
 
 Delivery = tuple[TokenStep, int] | BaseException  # (step, rows in that step's forward) or the error
 
@@ -75,22 +74,30 @@ class Batch:
         self.config = config
         self.rows, self.cache, self.width, row.start = [row], seq.cache, len(row.tokens), 0
 
-    def join(self, row: Row, seq: CachedSequence) -> None:
-        """Add ``row`` whose own cache ``seq`` holds ``row.tokens`` ([1, h, n, d] per layer)."""
-        n = len(row.tokens)
-        ours, theirs = kv_layers(self.cache), kv_layers(seq.cache)
-        like = ours or theirs
+    def join(self, joining: list[tuple[Row, CachedSequence]]) -> None:
+        """Add rows, each with its own cache ``seq`` holding ``row.tokens`` ([1, h, n, d] per
+        layer), in one concatenation per layer however many join (copying the batch's cache
+        once per step, not once per row)."""
+        if not joining:
+            return
+        lengths = [len(row.tokens) for row, _ in joining]
+        width = max(self.width, *lengths)
+        ours, theirs = kv_layers(self.cache), [kv_layers(seq.cache) for _, seq in joining]
+        like = ours or next((kv for kv in theirs if kv is not None), None)
         if like is not None:
-            width = max(self.width, n)
-            ours = pad_left(ours, like, len(self.rows), width - self.width)
-            theirs = pad_left(theirs, like, 1, width - n)
-            kv = [(torch.cat([k, k1]), torch.cat([v, v1])) for (k, v), (k1, v1) in zip(ours, theirs, strict=True)]
-            self.cache = DynamicCache(ddp_cache_data=kv, config=self.config)
+            parts = [pad_left(ours, like, len(self.rows), width - self.width)]
+            parts += [pad_left(kv, like, 1, width - n) for kv, n in zip(theirs, lengths, strict=True)]
+            kv = [
+                (torch.cat([part[i][0] for part in parts]), torch.cat([part[i][1] for part in parts]))
+                for i in range(len(like))
+            ]
+            self.cache = new_cache(self.config, kv)
             for r in self.rows:
                 r.start += width - self.width
             self.width = width
-        row.start = self.width - n
-        self.rows.append(row)
+        for (row, _), n in zip(joining, lengths, strict=True):
+            row.start = self.width - n
+            self.rows.append(row)
 
     def step_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Model inputs for one step: each row's pending token at its own next position.
@@ -130,7 +137,7 @@ class Batch:
         if kv is not None:
             index = torch.tensor(keep, device=kv[0][0].device)
             kv = [(k.index_select(0, index)[:, :, unused:], v.index_select(0, index)[:, :, unused:]) for k, v in kv]
-            self.cache = DynamicCache(ddp_cache_data=kv, config=self.config)
+            self.cache = new_cache(self.config, kv)
         for r in rows:
             r.start -= unused
         self.rows, self.width = rows, self.width - unused

@@ -13,7 +13,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from powerserve.engine.kv_cache import CachedSequence, PrefixCache, Snapshot, kv_layers
+from powerserve.engine.attention import use_grouped_attention
+from powerserve.engine.kv_cache import CachedSequence, PrefixCache, Snapshot, kv_layers, new_cache
 
 
 class ModelRunner:
@@ -22,11 +23,14 @@ class ModelRunner:
     ``prefix_cache_tokens`` bounds the prefix cache (total tokens over all entries; 0 turns it
     off). Models with other than full-attention layers (sliding windows) cannot share a padded
     cache or reuse an arbitrary prefix: ``full_attention`` is then False and reuse is off.
-    ``forward_count`` counts model forwards of any kind.
+    ``forward_count`` counts model forwards of any kind. A model on SDPA attention is switched
+    to :mod:`powerserve.engine.attention`'s (the same maths without copying keys per query head
+    in padded decode steps).
     """
 
     def __init__(self, model: Any, prefix_cache_tokens: int) -> None:
         self.model = model.eval().requires_grad_(False)
+        use_grouped_attention(self.model)
         self.config = model.config
         self.device: torch.device = next(model.parameters()).device
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
@@ -59,9 +63,9 @@ class ModelRunner:
         snap, n = self.prefix_cache.longest_prefix(tokens) if self.prefix_reuse else (None, 0)
         n = min(n, limit)
         if snap is None or n <= 0:
-            return CachedSequence(DynamicCache(config=self.config))
+            return CachedSequence(new_cache(self.config))
         layers = [(k[..., :n, :], v[..., :n, :]) for k, v in snap.layers]
-        return CachedSequence(DynamicCache(ddp_cache_data=layers, config=self.config), list(tokens[:n]), n)
+        return CachedSequence(new_cache(self.config, layers), list(tokens[:n]), n)
 
     def prefill(self, prompt: list[int]) -> CachedSequence:
         """A cache of ``prompt[:-1]``, from its longest cached prefix; the last prompt token is

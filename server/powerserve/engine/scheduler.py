@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from powerserve.engine.batch import Batch, Delivery, Row, deliver_all
+from powerserve.engine.kv_cache import CachedSequence
 from powerserve.engine.model_runner import ModelRunner
 from powerserve.engine.sampling import sample_rows
 
@@ -70,7 +71,7 @@ class Scheduler:
         """One scheduler step; it queues the next one while there is work.
 
         1. Drop the rows whose callers stopped listening (remembering their caches).
-        2. Admit waiting calls up to ``max_batch_size`` rows: prefill each, join a batch.
+        2. Admit waiting calls up to ``max_batch_size`` rows: prefill each; they join a batch together.
         3. Per batch: one forward over every row's pending token; every row samples its next
            token with its own spec and generator, and all of them are delivered at once.
         4. Drop the finished rows (remembering their caches).
@@ -92,8 +93,11 @@ class Scheduler:
                 self.wake()
 
     def _admit(self) -> None:
+        """Prefill waiting calls (one at a time) up to ``max_batch_size`` live rows; then they
+        join the batch together, the batch's cache copied once for all of them."""
         live = sum(len(batch.rows) for batch in self.batches)
-        while self.joining and live < self.max_batch_size:
+        admitted: list[tuple[Row, CachedSequence]] = []
+        while self.joining and live + len(admitted) < self.max_batch_size:
             row = self.joining.popleft()
             if row.closed:
                 continue
@@ -103,11 +107,13 @@ class Scheduler:
                 row.deliver(error)
                 continue
             row.tokens, row.pending, row.reused = seq.tokens, row.prompt[-1], seq.reused
-            if self.batches and self.runner.full_attention:
-                self.batches[0].join(row, seq)
-            else:
-                self.batches.append(Batch(self.runner.config, row, seq))
-            live += 1
+            admitted.append((row, seq))
+        if not self.runner.full_attention:  # no shared padded cache: a batch each
+            self.batches += [Batch(self.runner.config, row, seq) for row, seq in admitted]
+        elif admitted:
+            if not self.batches:
+                self.batches.append(Batch(self.runner.config, *admitted.pop(0)))
+            self.batches[0].join(admitted)
 
     def _decode(self, batch: Batch) -> None:
         rows = batch.rows
