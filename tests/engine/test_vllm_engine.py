@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import prometheus_client
@@ -19,7 +21,7 @@ import pytest_asyncio
 import torch
 
 from powerserve.engine.base import EngineStats, SamplingSpec
-from powerserve.engine.vllm_args import scheduler_args
+from powerserve.engine.vllm_args import ONEDNN_CACHE, scheduler_args, worker_environment
 from powerserve.engine.vllm_engine import VllmEngine
 from powerserve.model_store import EMBEDDED_NAME, ensure_embedded_checkpoint
 
@@ -108,6 +110,41 @@ async def test_attributes(engine: VllmEngine) -> None:
     assert engine.max_model_len == MAX_MODEL_LEN
     assert engine.tokenizer.convert_tokens_to_ids("<|im_end|>") in engine.eos_token_ids
     await engine.check_health()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started under ``pid`` (vLLM spawns its engine core, which spawns the worker)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    kids = [int(c) for c in (task / "children").read_text().split()]
+                    out += kids
+                    todo += kids
+    return out
+
+
+def worker_environments() -> list[list[bytes]]:
+    """The environment (NAME=VALUE entries) of each vLLM model worker under this process."""
+    out = []
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::Worker"):
+                out.append(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+    return out
+
+
+async def test_the_model_worker_runs_without_onednns_primitive_cache(engine: VllmEngine) -> None:
+    """On CPU the spawned model worker has ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`` in its own
+    environment (read from /proc): without it the worker's memory grows with every new batch
+    shape (docs/reliability.md). Elsewhere nothing is set."""
+    assert worker_environment(on_cpu=False) == {}
+    assert worker_environment(on_cpu=True) == {ONEDNN_CACHE: "0"}
+    environments = worker_environments()
+    assert environments, "no vLLM model worker process found under this one"
+    assert all(f"{ONEDNN_CACHE}=0".encode() in env for env in environments)
 
 
 async def test_logq_is_tempered_log_softmax(engine: VllmEngine, hf_model: Any) -> None:

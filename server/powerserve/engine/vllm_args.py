@@ -16,6 +16,20 @@ from typing import Any, TypedDict
 CPU_MEMORY_UTILIZATION = 0.3
 
 
+# oneDNN (vLLM's CPU matrix products) keeps a process-wide cache of compiled primitives, one per
+# new input shape, 1,024 of them by default. Under varied prompt lengths every batch brings new
+# shapes, and vLLM's model worker grew by about 1.5 MiB per request for as long as we measured
+# (500 requests); with the cache off it stayed flat, at about 2.5% of throughput
+# (docs/reliability.md, benchmarks/vllm_memory.py).
+ONEDNN_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+
+
+def worker_environment(on_cpu: bool) -> dict[str, str]:
+    """Environment variables vLLM's worker processes get from powerserve unless already set: on
+    CPU, oneDNN's primitive cache off. The workers are spawned, so they read it at start."""
+    return {ONEDNN_CACHE: "0"} if on_cpu else {}
+
+
 def scheduler_args(on_cpu: bool, max_model_len: int, chunked_prefill: bool | None = None) -> dict[str, Any]:
     """vLLM scheduler settings: chunked prefill off on CPU, vLLM's defaults elsewhere.
 

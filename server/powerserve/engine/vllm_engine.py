@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import AsyncGenerator, Iterable
 from typing import Any, Unpack
 
@@ -34,7 +35,7 @@ from powerserve.engine import vllm_requests
 from powerserve.engine.base import Engine, EngineStats, SamplingSpec, TokenStep
 from powerserve.engine.eos import eos_token_ids_at
 from powerserve.engine.lora import LoraEngine
-from powerserve.engine.vllm_args import EngineOptions, engine_args
+from powerserve.engine.vllm_args import EngineOptions, engine_args, worker_environment
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,12 @@ class VllmEngine(Engine):
         End-of-sequence ids follow :mod:`powerserve.engine.eos`.
         """
         from transformers import AutoTokenizer
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = engine_args(path, model_name=model_name, max_model_len=max_model_len, **options)
+        for name, value in worker_environment(current_platform.is_cpu()).items():
+            os.environ.setdefault(name, value)
         tokenizer = AutoTokenizer.from_pretrained(path)
         eos = eos_token_ids_at(path, tokenizer)
         log.info("starting vLLM on %s (dtype=%s, max_model_len=%d)", path, args.dtype, max_model_len)
