@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -46,7 +45,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from powerserve.testing import ServerProcess
+from powerserve.testing import ServerProcess, process_tree
 from powerserve_client.loadgen import check_loopback
 
 MAX_DURATION_S = 3600.0
@@ -78,22 +77,6 @@ def rss_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (vLLM runs its engine core in a child process)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in Path(f"/proc/{p}/task/{tid}/children").read_text().split()]
-    return out
 
 
 def tree_rss_kib(pid: int) -> int:

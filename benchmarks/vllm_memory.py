@@ -26,9 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-from soak import process_tree, rss_kib  # benchmarks/, beside this script
+from soak import rss_kib  # benchmarks/, beside this script
 
 from powerserve.engine.base import EngineStats, SamplingSpec
+from powerserve.testing import process_tree
 
 
 def tree_by_name() -> dict[str, int]:

@@ -12,6 +12,7 @@ Every helper here only listens on and talks to 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -36,6 +37,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (vLLM runs its engine core in a child process)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{tid}/children").read_text().split()]
+    return out
 
 
 def wait_healthy(base: str, timeout_s: float, alive: Callable[[], str | None] = lambda: None) -> None:

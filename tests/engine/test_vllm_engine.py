@@ -24,6 +24,7 @@ from powerserve.engine.base import EngineStats, SamplingSpec
 from powerserve.engine.vllm_args import ONEDNN_CACHE, scheduler_args, worker_environment
 from powerserve.engine.vllm_engine import VllmEngine
 from powerserve.model_store import EMBEDDED_NAME, ensure_embedded_checkpoint
+from powerserve.testing import process_tree
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -112,24 +113,10 @@ async def test_attributes(engine: VllmEngine) -> None:
     await engine.check_health()
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process started under ``pid`` (vLLM spawns its engine core, which spawns the worker)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{p}/task").iterdir():
-                with contextlib.suppress(OSError):
-                    kids = [int(c) for c in (task / "children").read_text().split()]
-                    out += kids
-                    todo += kids
-    return out
-
-
 def worker_environments() -> list[list[bytes]]:
     """The environment (NAME=VALUE entries) of each vLLM model worker under this process."""
     out = []
-    for pid in descendants(os.getpid()):
+    for pid in process_tree(os.getpid()):
         with contextlib.suppress(OSError):
             if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::Worker"):
                 out.append(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
