@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
@@ -45,7 +46,7 @@ from powerserve.decoders.registry import DECODERS
 from powerserve.engine.base import EngineStats, SamplingSpec, TokenStep
 from powerserve.engine.torch_engine import TorchEngine
 from tests.decoders import exact_cases as exact
-from tests.tabular_engine import TabularEngine, tempered, total_variation
+from tests.tabular_engine import TabularEngine, enumerate_continuations, tempered, total_variation
 
 N_RUNS = 2000
 TOLERANCE = 0.07
@@ -376,3 +377,56 @@ async def test_closing_the_stream_after_a_decided_token_closes_every_particle() 
     assert engine.open > 0
     await agen.aclose()  # type: ignore[attr-defined]
     assert engine.open == 0
+
+
+# --- the evidence estimate (log Z-hat) ---------------------------------------------------------
+
+N_EVIDENCE = 2000
+
+
+async def evidence_ratios(case: exact.Case, params: PowerSmcParams) -> np.ndarray:
+    """Z-hat / Z over N_EVIDENCE seeded runs, Z = sum_x p(x)^alpha by enumeration."""
+    s = exact.setup(case)
+    logp = enumerate_continuations(s.table, case.prompt, exact.EOS, exact.MAX_TOKENS)
+    log_z = float(np.logaddexp.reduce([case.alpha * v for v in logp.values()]))
+    decoder = PowerSmcDecoder(tabular(case))
+
+    async def one(seed: int) -> float:
+        stats = EngineStats()
+        await decode(decoder, request(case, params, seed), stats)
+        return stats.extra["log_evidence"]
+
+    logs = await asyncio.gather(*(one(seed) for seed in range(N_EVIDENCE)))
+    return np.exp(np.array(logs) - log_z)
+
+
+@pytest.mark.parametrize(
+    ("case", "kw"),
+    [
+        pytest.param(exact.RICH, {}, id="alpha2-resample-every-token"),
+        pytest.param(exact.SHARP, {}, id="alpha4-resample-every-token"),
+        pytest.param(exact.RICH, {"ess_threshold": 0.0}, id="alpha2-never-resample"),
+    ],
+)
+async def test_log_evidence_is_an_unbiased_estimate_of_z(case: exact.Case, kw: dict[str, float]) -> None:
+    """E[Z-hat] = Z: the mean of Z-hat / Z over 2000 runs (N = 2 particles, the noisiest) lies
+    within 4 standard errors of 1, and the standard error is small enough (< 0.03) that the
+    check has power. Measured: 1.008 / 1.004 / 1.004, standard errors 0.013-0.014.
+
+    Plausible bugs fail it: dropping the 1/N of each epoch's mean weight (a log-sum for a
+    log-mean) doubles Z-hat at N = 2 (asserted below); leaving out the factors of the epochs
+    that end in a resampling (checked by hand, editing the decoder) gives 1.81 +- 0.04 at
+    alpha 2 and 3.21 +- 0.10 at alpha 4."""
+    ratios = await evidence_ratios(case, smc_params(case.alpha, 2, **kw))
+    se = ratios.std(ddof=1) / math.sqrt(len(ratios))
+    assert se < 0.03, se
+    assert abs(ratios.mean() - 1.0) < 4 * se, (ratios.mean(), se)
+
+
+async def test_log_evidence_check_fails_without_the_one_over_n(monkeypatch: pytest.MonkeyPatch) -> None:
+    import powerserve.decoders.power_smc as module
+
+    monkeypatch.setattr(module, "log_mean_exp", lambda logw: float(np.logaddexp.reduce(logw)))
+    ratios = await evidence_ratios(exact.RICH, smc_params(exact.RICH.alpha, 2))
+    se = ratios.std(ddof=1) / math.sqrt(len(ratios))
+    assert abs(ratios.mean() - 1.0) > 4 * se, (ratios.mean(), se)

@@ -33,7 +33,8 @@ from pydantic import Field
 
 from powerserve.decoders.base import Decoder, DecodeRequest
 from powerserve.decoders.power_common import PowerParams, engine_seed, final_steps, proposal_spec, start_counters
-from powerserve.decoders.smc_weights import effective_sample_size, normalise, ramp_alpha, systematic_resample
+from powerserve.decoders.smc_weights import effective_sample_size, log_mean_exp, normalise, ramp_alpha
+from powerserve.decoders.smc_weights import systematic_resample
 from powerserve.engine.base import Engine, EngineStats, TokenStep
 
 __all__ = [
@@ -168,6 +169,12 @@ class PowerSmcDecoder(Decoder[PowerSmcParams]):
            taken at alpha (alpha*S_p - S_q - base, also when all ended before the ramp did),
            one particle is drawn with probability proportional to its weight, and its tokens
            beyond the decided prefix are yielded.
+
+        ``decoder_stats.log_evidence`` is log Z-hat, the log of the standard unbiased SMC
+        estimate of Z = sum_x p(x)^alpha: the sum, over the resampling epochs and the final one,
+        of log((1/N) sum_i w_i) of the weights accumulated in that epoch (every epoch starts
+        from equal weights). Particle-independent MH (PIMH) accepts a whole run on the ratio
+        of two such estimates (``benchmarks/bench_mixing.py``'s ``pimh`` configurations).
         """
         params = request.params
         rng = np.random.default_rng(request.seed)
@@ -176,6 +183,7 @@ class PowerSmcDecoder(Decoder[PowerSmcParams]):
         start_counters(stats, ("particles", "resamples", "restarts", "ess_checks", "tokens_proposed"))
         stats.add("particles", n)
         ess_min = 1.0
+        log_evidence = 0.0  # log Z-hat: the product of the mean weights of every resampling epoch
 
         particles = [_Particle() for _ in range(n)]
         decided: list[TokenStep] = []  # the shared prefix, yielded (or held back) so far
@@ -205,15 +213,18 @@ class PowerSmcDecoder(Decoder[PowerSmcParams]):
                 ess_min = min(ess_min, ess / n)
                 stats.add("ess_checks", 1)
                 if ess < params.ess_threshold * n:
+                    log_evidence += log_mean_exp(logw)
                     particles = await self._resample(particles, normalise(logw), alpha_t, request, rng, stats)
 
             logw = np.array([p.target(params.alpha) - p.base for p in particles])
+            log_evidence += log_mean_exp(logw)
             chosen = particles[int(rng.choice(n, p=normalise(logw)))]
         finally:
             for p in particles:
                 with contextlib.suppress(Exception):
                     await p.close()
         stats.extra["ess_min"] = ess_min
+        stats.extra["log_evidence"] = log_evidence
         stats.add("tokens_accepted", len(chosen.token_ids))
         assert chosen.token_ids[: len(decided)] == [s.token_id for s in decided], "a decided token changed"
         start = len(decided) if self.stream_prefix else 0  # off: the chosen particle's own steps

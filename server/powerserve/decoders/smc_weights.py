@@ -18,6 +18,12 @@ def effective_sample_size(logw: np.ndarray) -> float:
     return float(w.sum() ** 2 / (w * w).sum())
 
 
+def log_mean_exp(logw: np.ndarray) -> float:
+    """log((1/N) sum exp(logw)): one factor of the SMC estimate of the normalising constant."""
+    top = float(logw.max())
+    return top + float(np.log(np.exp(logw - top).mean()))
+
+
 def normalise(logw: np.ndarray) -> np.ndarray:
     """Probabilities proportional to exp(logw)."""
     w = np.exp(logw - logw.max())
