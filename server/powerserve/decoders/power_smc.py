@@ -33,8 +33,13 @@ from pydantic import Field
 
 from powerserve.decoders.base import Decoder, DecodeRequest
 from powerserve.decoders.power_common import PowerParams, engine_seed, final_steps, proposal_spec, start_counters
-from powerserve.decoders.smc_weights import effective_sample_size, log_mean_exp, normalise, ramp_alpha
-from powerserve.decoders.smc_weights import systematic_resample
+from powerserve.decoders.smc_weights import (
+    effective_sample_size,
+    log_mean_exp,
+    normalise,
+    ramp_alpha,
+    systematic_resample,
+)
 from powerserve.engine.base import Engine, EngineStats, TokenStep
 
 __all__ = [
@@ -170,11 +175,8 @@ class PowerSmcDecoder(Decoder[PowerSmcParams]):
            one particle is drawn with probability proportional to its weight, and its tokens
            beyond the decided prefix are yielded.
 
-        ``decoder_stats.log_evidence`` is log Z-hat, the log of the standard unbiased SMC
-        estimate of Z = sum_x p(x)^alpha: the sum, over the resampling epochs and the final one,
-        of log((1/N) sum_i w_i) of the weights accumulated in that epoch (every epoch starts
-        from equal weights). Particle-independent MH (PIMH) accepts a whole run on the ratio
-        of two such estimates (``benchmarks/bench_mixing.py``'s ``pimh`` configurations).
+        ``log_evidence`` is log Z-hat, the unbiased SMC estimate of Z = sum_x p(x)^alpha: the sum
+        over the epochs (each ends in a resampling or the draw) of log of the mean weight.
         """
         params = request.params
         rng = np.random.default_rng(request.seed)
