@@ -19,6 +19,10 @@ Empirical TV of R seeded draws of a decoder, over whole sequences s:
 the mean TV of R i.i.d. exact draws (``--floor-reps`` repetitions), so a target like 0.10 is
 judged against what R samples can show.
 
+Configurations: ``mcmc:K=..,S=..`` (power_mcmc, K proposals a step, S steps), ``smc:N=..``
+(power_smc, N particles) and ``pimh:N=..,R=..`` (particle-independent MH over R concurrent
+power_smc runs, see :class:`Pimh`; measured beside the shipped multi-proposal step).
+
 Each configuration runs its R draws concurrently (seeds 0..R-1) for the TV -- concurrency does
 not change any draw's law -- and separately ``--timing-runs`` requests one at a time for the
 wall time per request (median). Wall times need a quiet machine; the TV columns do not.
@@ -38,7 +42,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +52,7 @@ import torch
 from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams, OpenAISampling
 from powerserve.decoders.power_mcmc import PowerMcmcDecoder, PowerMcmcParams
 from powerserve.decoders.power_smc import PowerSmcDecoder, PowerSmcParams
-from powerserve.engine.base import EngineStats
+from powerserve.engine.base import EngineStats, TokenStep
 from powerserve.engine.torch_engine import TorchEngine
 
 ALPHA = 4.0
@@ -81,6 +85,9 @@ CONFIGS = [
     "smc:N=8",
     "smc:N=16",
     "smc:N=32",
+    "pimh:N=4,R=4",  # particle-independent MH: R concurrent power_smc runs of N particles
+    "pimh:N=8,R=2",
+    "pimh:N=4,R=8",
 ]
 
 Seq = tuple[int, ...]
@@ -164,7 +171,49 @@ def build_case(engine: TorchEngine, prompt: str, m: int) -> Case:
     return Case(prompt, ids, top, log_branch, log_cond, log_z, left_out, tv_t)
 
 
-def make(spec: str, engine: TorchEngine) -> tuple[Decoder, DecoderParams]:
+class Pimh:
+    """Particle-independent Metropolis-Hastings (Andrieu, Doucet and Holenstein 2010) over
+    ``power_smc`` runs, for the comparison of multi-proposal schemes (issue 11, item 2).
+
+    R runs of N particles start at once (the engine batches their R*N rows); their draws x_r
+    and evidence estimates Z-hat_r (``log_evidence``) then feed an independence MH chain:
+    start at run 1, move to run r with probability min(1, Z-hat_r / Z-hat_current). The chain
+    leaves p^alpha invariant for every N; R = 1 is plain power_smc. Seeds: one generator per
+    request seed gives the R run seeds and the R - 1 uniforms.
+    """
+
+    def __init__(self, engine: TorchEngine, runs: int) -> None:
+        self.smc = PowerSmcDecoder(engine, stream_prefix=False)
+        self.runs = runs
+
+    async def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
+        rng = np.random.default_rng([request.seed, 1])
+        seeds = rng.integers(2**31, size=self.runs).tolist()
+
+        async def one(seed: int) -> tuple[list[TokenStep], EngineStats]:
+            own = EngineStats()
+            sub = DecodeRequest(request.prompt_ids, request.max_tokens, seed, request.sampling, request.params)
+            return [step async for step in self.smc.decode(sub, own)], own
+
+        results = await asyncio.gather(*(one(seed) for seed in seeds))
+        current = 0
+        for r in range(1, self.runs):
+            log_ratio = results[r][1].extra["log_evidence"] - results[current][1].extra["log_evidence"]
+            if math.log(rng.random()) < log_ratio:
+                current = r
+                stats.add("accepted_proposals", 1)
+            stats.add("proposals", 1)
+        for _, own in results:
+            stats.calls += own.calls
+            stats.tokens_generated += own.tokens_generated
+            stats.tokens_scored += own.tokens_scored
+        if self.runs > 1:
+            stats.extra["acceptance_rate"] = stats.extra.get("accepted_proposals", 0.0) / (self.runs - 1)
+        for step in results[current][0]:
+            yield step
+
+
+def make(spec: str, engine: TorchEngine) -> tuple[Decoder | Pimh, DecoderParams]:
     kind, _, rest = spec.partition(":")
     kv = {k: int(v) for k, v in (item.split("=") for item in rest.split(","))}
     if kind == "mcmc":
@@ -173,10 +222,12 @@ def make(spec: str, engine: TorchEngine) -> tuple[Decoder, DecoderParams]:
         )
     if kind == "smc":
         return PowerSmcDecoder(engine), PowerSmcParams(alpha=ALPHA, particles=kv["N"])
-    raise SystemExit(f"unknown config {spec!r}: use mcmc:K=..,S=.. or smc:N=..")
+    if kind == "pimh":
+        return Pimh(engine, kv["R"]), PowerSmcParams(alpha=ALPHA, particles=kv["N"])
+    raise SystemExit(f"unknown config {spec!r}: use mcmc:K=..,S=.., smc:N=.. or pimh:N=..,R=..")
 
 
-async def draw(decoder: Decoder, params: DecoderParams, case: Case, seed: int) -> tuple[Seq, EngineStats]:
+async def draw(decoder: Decoder | Pimh, params: DecoderParams, case: Case, seed: int) -> tuple[Seq, EngineStats]:
     stats = EngineStats()
     req = DecodeRequest(case.ids, T, seed, OpenAISampling(), params)
     out = tuple([s.token_id async for s in decoder.decode(req, stats)])
