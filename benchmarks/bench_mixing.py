@@ -186,8 +186,8 @@ class Pimh:
         self.smc = PowerSmcDecoder(engine, stream_prefix=False)
         self.runs = runs
 
-    async def decode(self, request: DecodeRequest, stats: EngineStats) -> AsyncIterator[TokenStep]:
-        rng = np.random.default_rng([request.seed, 1])
+    async def decode(self, request: DecodeRequest[PowerSmcParams], stats: EngineStats) -> AsyncIterator[TokenStep]:
+        rng = np.random.default_rng([request.seed or 0, 1])
         seeds = rng.integers(2**31, size=self.runs).tolist()
 
         async def one(seed: int) -> tuple[list[TokenStep], EngineStats]:
