@@ -48,65 +48,50 @@ def _truncates(spec: SamplingSpec, vocab: int) -> bool:
     return 0 < spec.top_k < vocab or spec.top_p < 1.0
 
 
-def proposal_batch(logits: torch.Tensor, logp: torch.Tensor, specs: Sequence[SamplingSpec]) -> torch.Tensor:
-    """log q for every row: [B, V] float64, given logits [B, V] float64 and logp = their log_softmax.
-
-    Raw rows reuse ``logp`` (no pass at all when every row is raw). Rows with a temperature and
-    no truncation share one pass, log_softmax((logits - max) / T) with T per row, the formula of
-    :func:`proposal_logprobs`. Truncated rows (a sort each) go through that function one by one.
-    """
-    vocab = logits.shape[-1]
-    tempered = [b for b, s in enumerate(specs) if not s.is_raw and not _truncates(s, vocab)]
-    truncated = [b for b, s in enumerate(specs) if _truncates(s, vocab)]
-    if not tempered and not truncated:
-        return logp
-    logq = logp.clone()
-    if tempered:
-        index = torch.tensor(tempered, device=logits.device)
-        t = torch.tensor([specs[b].temperature for b in tempered], dtype=logits.dtype, device=logits.device)
-        rows = logits.index_select(0, index)  # [b, V]
-        z = (rows - rows.amax(-1, keepdim=True)) / t[:, None]
-        logq.index_copy_(0, index, torch.log_softmax(z, dim=-1))
-    for b in truncated:
-        s = specs[b]
-        logq[b] = proposal_logprobs(logits[b], s.temperature, s.top_k, s.top_p)
-    return logq
-
-
 def sample_rows(
     logits: torch.Tensor, specs: Sequence[SamplingSpec], generators: Sequence[torch.Generator]
 ) -> list[TokenStep | Exception]:
     """Draw one token per row from its q; logits: [B, V] on any device, any float dtype.
 
-    1. log p = log_softmax(logits) in float64: one pass over [B, V].
-    2. log q by :func:`proposal_batch` (only the rows that are not raw cost a pass).
-    3. Inverse CDF: u_b ~ U[0, 1) from row b's own (CPU) generator, one draw per row and step,
-       so a row's draws never depend on the rest of the batch; the token is the first i with
-       cumsum(q_b)[i] > u_b * sum(q_b). That i has q_b(i) > 0, and P(i) = q_b(i) exactly as
-       ``torch.multinomial`` would draw it.
+    In float64, with s = logits - max (per row), in a few passes over [B, V] and without
+    materialising a full log-softmax (only the drawn tokens' log p and log q are needed):
+
+    1. log p of a token = s - log sum exp(s): one exp-and-sum pass for the normaliser.
+    2. q's unnormalised log-probabilities z: s / T per row (T = 1 for raw rows: z = s, the
+       formula of :func:`proposal_logprobs`); a truncated row (top-k/top-p, a sort each) takes
+       that function's log q instead.
+    3. Inverse CDF on c = cumsum(exp z): u_b ~ U[0, 1) from row b's own (CPU) generator, one
+       draw per row and step, so a row's draws never depend on the rest of the batch; the token
+       is the first i with c_b[i] > u_b * c_b[-1]. That i has q_b(i) > 0, and P(i) = q_b(i)
+       exactly as ``torch.multinomial`` would draw it. log q of it = z - log c_b[-1]; a raw
+       row reports log q = log p, the same number.
     4. One host transfer of (token, log q, log p, ok) for all rows. A row whose q has no
        positive finite mass (NaN or infinite logits) gets a RuntimeError instead of a token.
     """
-    logits = logits.to(torch.float64)
-    logp = torch.log_softmax(logits, dim=-1)  # [B, V]
-    logq = proposal_batch(logits, logp, specs)  # [B, V]
-    cdf = logq.exp().cumsum(-1)  # [B, V]
+    vocab = logits.shape[-1]
+    top = logits.amax(-1, keepdim=True).to(torch.float64)  # [B, 1]
+    shifted = logits - top  # [B, V] float64 (type promotion: one pass)
+    log_norm_p = shifted.exp().sum(-1).log()  # [B]
+    raw = torch.tensor([s.is_raw for s in specs], device=logits.device)
+    z = shifted
+    if not bool(raw.all()):
+        t = torch.tensor([s.temperature for s in specs], dtype=torch.float64, device=logits.device)
+        z = shifted / t[:, None]
+        for b, spec in enumerate(specs):
+            if _truncates(spec, vocab):
+                z[b] = proposal_logprobs(shifted[b], spec.temperature, spec.top_k, spec.top_p)
+    cdf = z.exp().cumsum(-1)  # [B, V]
     total = cdf[:, -1]  # [B]
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(logits.device)
-    token = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)  # [B]
+    token = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0].clamp_(max=vocab - 1)  # [B]
+    logp = shifted.gather(-1, token[:, None])[:, 0] - log_norm_p
+    logq = torch.where(raw, logp, z.gather(-1, token[:, None])[:, 0] - total.log())
     ok = torch.isfinite(total) & (total > 0)
-    picked = torch.stack(
-        [
-            token.to(torch.float64),
-            logq.gather(-1, token[:, None])[:, 0],
-            logp.gather(-1, token[:, None])[:, 0],
-            ok.to(torch.float64),
-        ]
-    )
+    picked = torch.stack([token.to(torch.float64), logq, logp, ok.to(torch.float64)])
     out: list[TokenStep | Exception] = []
-    for t, lq, lp, good in picked.cpu().T.tolist():  # [B, 4]
+    for t_id, lq, lp, good in picked.cpu().T.tolist():  # [B, 4]
         if good:
-            out.append(TokenStep(token_id=int(t), logq=lq, logp=lp))
+            out.append(TokenStep(token_id=int(t_id), logq=lq, logp=lp))
         else:
             out.append(RuntimeError("probability tensor contains either `inf`, `nan` or element < 0"))
     return out
