@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from powerserve.engine.kv_cache import GrowingLayer, kv_layers, new_cache
+from powerserve.engine.kv_cache import GrowingLayer, Piece, PrefixCache, Snapshot, assemble, kv_layers, new_cache
 from tests.tiny_model import make_tiny_llama
 
 
@@ -57,3 +57,66 @@ def test_new_cache_copies_its_input_and_decodes_like_dynamic_cache() -> None:
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     for (k, v), (k0, v0) in zip(layers, before, strict=True):
         assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+def test_assemble_places_each_piece_right_aligned_after_zeros() -> None:
+    """A batch cache of 5 rows and 9 columns from four pieces (two rows of 9 columns, one row of
+    4, one empty row, one row of 7) equals the left-padded concatenation built by hand, in every
+    layer, and has spare columns to grow into. Shifting a piece by one column or leaving stale
+    memory in the padding (the buffer is allocated uninitialised) breaks the equality."""
+    model = make_tiny_llama(vocab_size=16, seed=2)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(1)
+    layers, heads, dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+
+    def kv(rows: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (torch.randn(rows, heads, n, dim, generator=gen), torch.randn(rows, heads, n, dim, generator=gen))
+            for _ in range(layers)
+        ]
+
+    a, b, d = kv(2, 9), kv(1, 4), kv(1, 7)
+    pieces: list[Piece] = [(0, a, 9), (2, b, 4), (3, None, 0), (4, d, 7)]
+    for _ in range(3):  # fresh buffers each time: stale memory would show in one of them
+        cache = assemble(cfg, a, 5, 9, pieces)
+        got = kv_layers(cache)
+        assert got is not None
+        for i, (k, v) in enumerate(got):
+            zeros = torch.zeros(1, heads, 9, dim)
+            want_k = torch.cat(
+                [
+                    a[i][0],
+                    torch.cat([zeros[..., :5, :], b[i][0]], -2),
+                    zeros,
+                    torch.cat([zeros[..., :2, :], d[i][0]], -2),
+                ]
+            )
+            want_v = torch.cat(
+                [
+                    a[i][1],
+                    torch.cat([zeros[..., :5, :], b[i][1]], -2),
+                    zeros,
+                    torch.cat([zeros[..., :2, :], d[i][1]], -2),
+                ]
+            )
+            assert torch.equal(k, want_k) and torch.equal(v, want_v)
+        layer = cache.layers[0]
+        assert isinstance(layer, GrowingLayer) and layer.get_seq_length() == 9
+        assert layer.keys is not None and layer.keys.untyped_storage().nbytes() > layer.keys.nbytes
+
+
+def test_snapshots_keep_only_their_own_columns_alive() -> None:
+    """A snapshot of a row's own growing cache (a view of a buffer with spare columns) is copied
+    out, so the prefix cache's budget counts what it holds: 40 tokens keep 40 columns, not the
+    72 of the buffer. A view of the buffer kept as it is counts its 72 columns."""
+    grow = GrowingLayer()
+    grow.update(torch.ones(1, 2, 40, 4), torch.ones(1, 2, 40, 4))
+    assert grow.keys is not None and grow.values is not None
+    views = [(grow.keys, grow.values)]
+    assert Snapshot(tuple(range(40)), tuple(views)).columns == 72  # 40 + max(32, 40 // 2)
+    snap = Snapshot.of(range(40), views)
+    assert snap.columns == 40 and torch.equal(snap.layers[0][0], grow.keys)
+    cache = PrefixCache(max_tokens=100)
+    cache.put(Snapshot(tuple(range(40)), tuple(views)))
+    cache.put(Snapshot.of(range(100, 140), views))
+    assert len(cache) == 1  # 72 + 40 columns exceed 100: the oldest entry went

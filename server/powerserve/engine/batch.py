@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from powerserve.engine.base import SamplingSpec, TokenStep
-from powerserve.engine.kv_cache import CachedSequence, Snapshot, kv_layers, new_cache, pad_left
+from powerserve.engine.kv_cache import CachedSequence, Piece, Snapshot, assemble, kv_layers
 
 Delivery = tuple[TokenStep, int] | BaseException  # (step, rows in that step's forward) or the error
 
@@ -85,13 +85,11 @@ class Batch:
         ours, theirs = kv_layers(self.cache), [kv_layers(seq.cache) for _, seq in joining]
         like = ours or next((kv for kv in theirs if kv is not None), None)
         if like is not None:
-            parts = [pad_left(ours, like, len(self.rows), width - self.width)]
-            parts += [pad_left(kv, like, 1, width - n) for kv, n in zip(theirs, lengths, strict=True)]
-            kv = [
-                (torch.cat([part[i][0] for part in parts]), torch.cat([part[i][1] for part in parts]))
-                for i in range(len(like))
-            ]
-            self.cache = new_cache(self.config, kv)
+            pieces: list[Piece] = [(0, ours, self.width)] if ours is not None else []
+            pieces += [(b, None, 0) for b in range(len(self.rows)) if ours is None]
+            first = len(self.rows)
+            pieces += [(first + j, kv, n) for j, (kv, n) in enumerate(zip(theirs, lengths, strict=True))]
+            self.cache = assemble(self.config, like, first + len(joining), width, pieces)
             for r in self.rows:
                 r.start += width - self.width
             self.width = width
@@ -121,7 +119,7 @@ class Batch:
         if kv is None or self.width - row.start != len(row.tokens):
             return None
         if len(self.rows) == 1 and row.start == 0:  # the cache is the row's own
-            return Snapshot(tuple(row.tokens), tuple(kv))
+            return Snapshot.of(row.tokens, kv)
         layers = tuple((k[b : b + 1, :, row.start :].clone(), v[b : b + 1, :, row.start :].clone()) for k, v in kv)
         return Snapshot(tuple(row.tokens), layers)
 
@@ -134,10 +132,24 @@ class Batch:
         rows = [self.rows[b] for b in keep]
         unused = min(r.start for r in rows)
         kv = kv_layers(self.cache)
-        if kv is not None:
-            index = torch.tensor(keep, device=kv[0][0].device)
-            kv = [(k.index_select(0, index)[:, :, unused:], v.index_select(0, index)[:, :, unused:]) for k, v in kv]
-            self.cache = new_cache(self.config, kv)
+        if kv is not None:  # the kept rows, in runs of consecutive ones: one copy per run and layer
+            pieces: list[Piece] = []
+            for first, (lo, hi) in _runs(keep):
+                pieces.append(
+                    (first, [(k[lo:hi, :, unused:], v[lo:hi, :, unused:]) for k, v in kv], self.width - unused)
+                )
+            self.cache = assemble(self.config, kv, len(keep), self.width - unused, pieces)
         for r in rows:
             r.start -= unused
         self.rows, self.width = rows, self.width - unused
+
+
+def _runs(keep: list[int]) -> list[tuple[int, tuple[int, int]]]:
+    """Runs of consecutive indices in sorted ``keep``: (position of the run in keep, (lo, hi))."""
+    out: list[tuple[int, tuple[int, int]]] = []
+    for pos, b in enumerate(keep):
+        if out and out[-1][1][1] == b:
+            out[-1] = (out[-1][0], (out[-1][1][0], b + 1))
+        else:
+            out.append((pos, (b, b + 1)))
+    return out

@@ -41,7 +41,7 @@ class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         n = self.get_seq_length()
         end = n + key_states.shape[-2]
         if self._buffers is None or end > self._buffers[0].shape[-2]:
-            columns = end + max(32, end // 2)
+            columns = spare_columns(end)
             k = key_states.new_empty(*key_states.shape[:-2], columns, key_states.shape[-1])
             v = value_states.new_empty(*value_states.shape[:-2], columns, value_states.shape[-1])
             if n and self.keys is not None and self.values is not None:
@@ -57,6 +57,17 @@ class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a GrowingLayer is never cropped: views of its columns are shared")
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Take buffers [B, h, columns, d] whose first ``length`` columns are filled."""
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._buffers = (keys, values)
+        self.keys, self.values = keys[..., :length, :], values[..., :length, :]
+
+
+def spare_columns(length: int) -> int:
+    """Columns a :class:`GrowingLayer` buffer holds for ``length`` used ones."""
+    return length + max(32, length // 2)
+
 
 def new_cache(config: PreTrainedConfig, kv: KV | None = None) -> DynamicCache:
     """A cache for ``config``'s model, filled with ``kv`` (copied); its layers are
@@ -66,6 +77,41 @@ def new_cache(config: PreTrainedConfig, kv: KV | None = None) -> DynamicCache:
         cache.layers = [GrowingLayer() for _ in cache.layers]
     for i, (k, v) in enumerate(kv or []):
         cache.update(k, v, i)
+    return cache
+
+
+Piece = tuple[int, KV | None, int]  # (first row, kv [r, h, n, d] per layer or None, n)
+
+
+def assemble(config: PreTrainedConfig, like: KV, rows: int, width: int, pieces: Sequence[Piece]) -> DynamicCache:
+    """A batch cache of ``rows`` rows and ``width`` columns, left-padded: each piece's kv fills
+    its rows' last n columns, zeros before them (a None kv: zeros for its r rows, r = 1).
+    ``like`` gives the head counts, sizes, dtype and device.
+
+    With :class:`GrowingLayer` layers every piece is copied once, straight into the grown
+    buffer; otherwise (sliding-window layers) the padded pieces are concatenated."""
+    cache = new_cache(config)
+    if not all(isinstance(layer, GrowingLayer) for layer in cache.layers):
+        parts = sorted(pieces, key=lambda piece: piece[0])
+        padded = [pad_left(kv, like, 1 if kv is None else kv[0][0].shape[0], width - n) for _, kv, n in parts]
+        kv_all = [
+            (torch.cat([p[i][0] for p in padded]), torch.cat([p[i][1] for p in padded])) for i in range(len(like))
+        ]
+        return new_cache(config, kv_all)
+    columns = spare_columns(width)
+    for i, layer in enumerate(cache.layers):
+        k_ref, v_ref = like[i]
+        k = k_ref.new_empty(rows, k_ref.shape[1], columns, k_ref.shape[3])
+        v = v_ref.new_empty(rows, v_ref.shape[1], columns, v_ref.shape[3])
+        for first, kv, n in pieces:
+            r = 1 if kv is None else kv[i][0].shape[0]
+            k[first : first + r, :, : width - n].zero_()
+            v[first : first + r, :, : width - n].zero_()
+            if kv is not None and n:
+                k[first : first + r, :, width - n : width].copy_(kv[i][0])
+                v[first : first + r, :, width - n : width].copy_(kv[i][1])
+        assert isinstance(layer, GrowingLayer)
+        layer.adopt(k, v, width)
     return cache
 
 
@@ -91,6 +137,25 @@ class Snapshot:
     tokens: tuple[int, ...]
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
+    @classmethod
+    def of(cls, tokens: Sequence[int], layers: KV) -> Snapshot:
+        """A snapshot of ``layers`` (whose length is len(tokens)); copied out when they are
+        views of a larger buffer, so that the snapshot keeps only its own columns alive."""
+        snap = cls(tuple(tokens), tuple(layers))
+        if snap.columns > len(snap.tokens):
+            snap = cls(snap.tokens, tuple((k.clone(), v.clone()) for k, v in layers))
+        return snap
+
+    @property
+    def columns(self) -> int:
+        """Columns of memory the snapshot keeps alive: len(tokens), or more when its tensors are
+        views of a :class:`GrowingLayer`'s buffer with spare columns (a row's own cache)."""
+        if not self.layers:
+            return len(self.tokens)
+        k = self.layers[0][0]
+        per_column = k.shape[1] * k.shape[3] * k.element_size()
+        return max(len(self.tokens), k.untyped_storage().nbytes() // per_column)
+
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
@@ -102,7 +167,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class PrefixCache:
-    """LRU store of KV snapshots, bounded by the total number of cached tokens."""
+    """LRU store of KV snapshots, bounded by the total number of columns they keep alive
+    (:attr:`Snapshot.columns`: their tokens, plus the spare columns of a buffer they share)."""
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
@@ -124,13 +190,13 @@ class PrefixCache:
         return best, best_len
 
     def put(self, snap: Snapshot) -> None:
-        if not snap.tokens or len(snap.tokens) > self.max_tokens:
+        if not snap.tokens or snap.columns > self.max_tokens:
             return
         # An entry that is a prefix of the new one is redundant: the new one serves its hits.
         for key in [k for k in self._entries if snap.tokens[: len(k)] == k]:
             self._remove(key)
         self._entries[snap.tokens] = snap
-        self._size += len(snap.tokens)
+        self._size += snap.columns
         while self._size > self.max_tokens:
             self._remove(next(iter(self._entries)))
 
@@ -139,8 +205,7 @@ class PrefixCache:
         self._size = 0
 
     def _remove(self, key: tuple[int, ...]) -> None:
-        del self._entries[key]
-        self._size -= len(key)
+        self._size -= self._entries.pop(key).columns
 
 
 def kv_layers(cache: DynamicCache) -> KV | None:

@@ -20,9 +20,10 @@ from powerserve.engine.kv_cache import CachedSequence, PrefixCache, Snapshot, kv
 class ModelRunner:
     """A ``transformers`` causal LM with a KV-cache store.
 
-    ``prefix_cache_tokens`` bounds the prefix cache (total tokens over all entries; 0 turns it
-    off). Models with other than full-attention layers (sliding windows) cannot share a padded
-    cache or reuse an arbitrary prefix: ``full_attention`` is then False and reuse is off.
+    ``prefix_cache_tokens`` bounds the prefix cache (total KV columns its entries keep alive,
+    one per cached token; 0 turns it off). Models with other than full-attention layers (sliding
+    windows) cannot share a padded cache or reuse an arbitrary prefix: ``full_attention`` is then
+    False and reuse is off.
     ``forward_count`` counts model forwards of any kind. A model on SDPA attention is switched
     to :mod:`powerserve.engine.attention`'s (the same maths without copying keys per query head
     in padded decode steps).
@@ -98,7 +99,7 @@ class ModelRunner:
         layers = kv_layers(seq.cache)
         if layers is None or layers[0][0].shape[-2] != len(seq.tokens):
             return  # a forward failed half-way: this cache is not worth keeping
-        self.prefix_cache.put(Snapshot(tuple(seq.tokens), tuple(layers)))
+        self.prefix_cache.put(Snapshot.of(seq.tokens, layers))
 
     def keep(self, snap: Snapshot | None) -> None:
         """Remember a finished row's snapshot (taken out of its batch) for later calls."""

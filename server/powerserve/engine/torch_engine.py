@@ -52,8 +52,9 @@ __all__ = ["TorchEngine", "proposal_logprobs", "sample_rows", "sample_step"]
 class TorchEngine(Engine):
     """Reference engine on a ``transformers`` causal LM, with continuous batching.
 
-    ``prefix_cache_tokens`` bounds the prefix cache (total tokens over all entries; 0 turns it
-    off). ``max_batch_size`` bounds the sequences decoded together; later calls wait their turn.
+    ``prefix_cache_tokens`` bounds the prefix cache (total KV columns its entries keep alive,
+    one per cached token; 0 turns it off). ``max_batch_size`` bounds the sequences decoded
+    together; later calls wait their turn.
     Models with other than full-attention layers (sliding windows) cannot share a padded cache:
     their sequences each get a batch of one.
 
