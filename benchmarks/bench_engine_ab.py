@@ -1,15 +1,20 @@
 """The torch engine's decode-step changes, each switched off and on in one process (issue 11).
 
-Two changes of the engine are measured against the library's defaults they replace, on the
-same loaded model, the variants interleaved (every workload runs every variant once per
-round; the median of ``--rounds`` rounds counts):
+Three changes of the engine are measured against what they replace, on the same loaded
+model, the variants interleaved (every workload runs every variant once per round; the median
+of ``--rounds`` rounds counts):
 
-- ``grow``: the KV cache layer that grows in place (``engine/kv_cache.py: GrowingLayer``)
-  instead of ``transformers``' ``DynamicLayer`` (a ``torch.cat`` of the whole cache per step);
+- ``grow``: the KV cache layer that grows in place (``engine/kv_cache.py: GrowingLayer``,
+  rows joining and leaving with one copy) instead of ``transformers``' ``DynamicLayer`` (a
+  ``torch.cat`` of the whole cache per step);
 - ``grouped``: grouped decode attention (``engine/attention.py``) instead of SDPA, which
-  copies every key head per query head (``repeat_kv``) in padded decode steps.
+  copies every key head per query head (``repeat_kv``) in padded decode steps;
+- ``sampler``: the sampler that computes log p and log q of the drawn token only
+  (``engine/sampling.py``) instead of the earlier one, which built full-vocabulary
+  log-softmaxes of p and q per row (:func:`full_softmax_sampler`, kept here as the baseline).
 
-``base`` has neither, ``both`` has both (the engine as shipped). Workloads, each through the
+``base`` has none of them, ``shipped`` all three; each ``no ...`` column leaves one out of
+the shipped engine, so its gap to ``shipped`` is what that change is worth. Workloads, each through the
 decoders' Python API with ``--tokens`` tokens on MATH500 prompts: one ``standard`` request; 8
 concurrent ``standard`` requests on different prompts (a padded batch); ``power_smc`` with 16
 particles; ``power_mcmc`` with 8 candidates per step (block 16, 2 steps), one request and 4 in
@@ -26,7 +31,7 @@ import asyncio
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +43,17 @@ from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams, Open
 from powerserve.decoders.power_mcmc import PowerMcmcDecoder, PowerMcmcParams
 from powerserve.decoders.power_smc import PowerSmcDecoder, PowerSmcParams
 from powerserve.decoders.standard import StandardDecoder, StandardParams
-from powerserve.engine import attention, batch, kv_cache, model_runner
-from powerserve.engine.base import EngineStats
+from powerserve.engine import attention, kv_cache, model_runner, sampling, scheduler
+from powerserve.engine.base import EngineStats, SamplingSpec, TokenStep
 from powerserve.engine.torch_engine import TorchEngine
 
-VARIANTS = {"base": (False, False), "grow": (True, False), "grouped": (False, True), "both": (True, True)}
+VARIANTS = {
+    "base": (False, False, False),
+    "no grow": (False, True, True),
+    "no grouped": (True, False, True),
+    "no sampler": (True, True, False),
+    "shipped": (True, True, True),
+}
 
 
 def library_cache(config: PreTrainedConfig, kv: kv_cache.KV | None = None) -> DynamicCache:
@@ -50,9 +61,33 @@ def library_cache(config: PreTrainedConfig, kv: kv_cache.KV | None = None) -> Dy
     return DynamicCache(ddp_cache_data=kv, config=config) if kv else DynamicCache(config=config)
 
 
-def set_variant(engine: TorchEngine, grow: bool, grouped: bool) -> None:
-    make = kv_cache.new_cache if grow else library_cache
-    batch.new_cache = model_runner.new_cache = make  # type: ignore[assignment]
+SHIPPED_NEW_CACHE = kv_cache.new_cache
+
+
+def full_softmax_sampler(
+    logits: torch.Tensor, specs: Sequence[SamplingSpec], generators: Sequence[torch.Generator]
+) -> list[TokenStep | Exception]:
+    """The sampler before issue 11's last change (untruncated rows): log_softmax of p and of q
+    over the whole vocabulary for every row, then the same inverse CDF."""
+    logits = logits.to(torch.float64)
+    logp = torch.log_softmax(logits, dim=-1)  # [B, V]
+    t = torch.tensor([s.temperature for s in specs], dtype=torch.float64)[:, None]
+    logq = logp.clone()
+    logq.copy_(torch.log_softmax((logits - logits.amax(-1, keepdim=True)) / t, dim=-1))
+    cdf = logq.exp().cumsum(-1)
+    total = cdf[:, -1]
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    token = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
+    picked = torch.stack(
+        [token.to(torch.float64), logq.gather(-1, token[:, None])[:, 0], logp.gather(-1, token[:, None])[:, 0]]
+    )
+    return [TokenStep(token_id=int(a), logq=lq, logp=lp) for a, lq, lp in picked.T.tolist()]
+
+
+def set_variant(engine: TorchEngine, grow: bool, grouped: bool, sampler: bool) -> None:
+    make = SHIPPED_NEW_CACHE if grow else library_cache
+    kv_cache.new_cache = model_runner.new_cache = make  # type: ignore[assignment]
+    scheduler.sample_rows = sampling.sample_rows if sampler else full_softmax_sampler  # type: ignore[assignment]
     engine.runner.model.set_attn_implementation(attention.NAME if grouped else "sdpa")
     engine.prefix_cache.clear()
 
@@ -88,8 +123,8 @@ async def run(args: argparse.Namespace) -> str:
     seconds: dict[tuple[str, str], list[float]] = {(w, v): [] for w in jobs for v in VARIANTS}
     for r in range(args.rounds):
         for w, job in jobs.items():
-            for v, (grow, grouped) in VARIANTS.items():
-                set_variant(engine, grow, grouped)
+            for v, switches in VARIANTS.items():
+                set_variant(engine, *switches)
                 start = time.perf_counter()
                 await job()
                 seconds[w, v].append(time.perf_counter() - start)
