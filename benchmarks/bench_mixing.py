@@ -25,7 +25,9 @@ power_smc runs, see :class:`Pimh`; measured beside the shipped multi-proposal st
 
 Each configuration runs its R draws concurrently (seeds 0..R-1) for the TV -- concurrency does
 not change any draw's law -- and separately ``--timing-runs`` requests one at a time for the
-wall time per request (median). Wall times need a quiet machine; the TV columns do not.
+wall time per request (median). Wall times need a quiet machine; the TV columns do not, so
+the two can run apart: ``--timing-runs 0 --json tv.json`` anywhere, then
+``--tv-from tv.json`` on the quiet machine times the requests and prints the whole table.
 
     python benchmarks/bench_mixing.py                      # the full table (about 40 min, 2 cores)
     python benchmarks/bench_mixing.py --draws 40 --timing-runs 1 --configs mcmc:K=1,S=8 --cases 1
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import statistics
 import sys
@@ -256,31 +259,47 @@ async def run(args: argparse.Namespace) -> None:
             + " | floor | s/request | engine tokens/request | moves/step |"
         )
         print("|---" * (len(cases) + 5) + "|")
-        floors = [statistics.mean(c.tv(c.sample(rng, args.draws)) for _ in range(args.floor_reps)) for c in cases]
+        loaded = json.loads(args.tv_from.read_text()) if args.tv_from else None
+        if loaded is not None:
+            args.draws = loaded["draws"]
+            floors = loaded["floors"]
+        else:
+            floors = [statistics.mean(c.tv(c.sample(rng, args.draws)) for _ in range(args.floor_reps)) for c in cases]
         temp_row = " | ".join(f"{c.tv_temperature:.3f}" for c in cases)
         print(f"| temperature 1/alpha (exact) | {temp_row} | | | | |", flush=True)
+        saved: dict[str, dict[str, object]] = {}
         for spec in args.configs:
             decoder, params = make(spec, engine)
             tvs, secs, toks, rates = [], [], [], []
             for c in cases:
-                results = await asyncio.gather(*(draw(decoder, params, c, s) for s in range(args.draws)))
-                tvs.append(c.tv([r[0] for r in results]))
-                toks += [r[1].tokens_generated + r[1].tokens_scored for r in results]
-                rates += [r[1].extra["acceptance_rate"] for r in results if "acceptance_rate" in r[1].extra]
+                if loaded is None:
+                    results = await asyncio.gather(*(draw(decoder, params, c, s) for s in range(args.draws)))
+                    tvs.append(c.tv([r[0] for r in results]))
+                    toks += [r[1].tokens_generated + r[1].tokens_scored for r in results]
+                    rates += [r[1].extra["acceptance_rate"] for r in results if "acceptance_rate" in r[1].extra]
                 for s in range(args.timing_runs):
                     t0 = time.perf_counter()
                     await draw(decoder, params, c, 10_000 + s)
                     secs.append(time.perf_counter() - t0)
+            if loaded is not None:
+                tvs, toks, rates = (
+                    loaded["rows"][spec]["tvs"],
+                    loaded["rows"][spec]["tokens"],
+                    loaded["rows"][spec]["rates"],
+                )
             wall = statistics.median(secs) if secs else math.nan
             rate = f"{statistics.mean(rates):.2f}" if rates else ""
             floor = statistics.mean(floors)
             rows.append((spec, tvs, wall))
+            saved[spec] = {"tvs": tvs, "tokens": toks, "rates": rates, "wall": wall}
             print(
                 f"| {spec} | "
                 + " | ".join(f"{v:.3f}" for v in tvs)
                 + f" | {floor:.3f} | {wall:.3f} | {statistics.mean(toks):.0f} | {rate} |",
                 flush=True,
             )
+        if args.json:
+            args.json.write_text(json.dumps({"draws": args.draws, "floors": floors, "rows": saved}))
         print(
             f"\nR = {args.draws} draws per case; floor = mean TV of R exact draws ("
             + ", ".join(f"{f:.3f}" for f in floors)
@@ -323,6 +342,14 @@ def main() -> None:
     ap.add_argument("--floor-reps", type=int, default=50)
     ap.add_argument("--configs", nargs="+", default=CONFIGS)
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="write the TVs, tokens and wall times here")
+    ap.add_argument(
+        "--tv-from",
+        type=Path,
+        default=None,
+        help="take the TV columns from an earlier --json (run with --timing-runs 0 on a busy machine)"
+        " and only time the requests",
+    )
     asyncio.run(run(ap.parse_args()))
 
 
