@@ -16,10 +16,15 @@ import pytest
 from powerserve.testing import ServerProcess, free_port, wait_healthy
 
 
-def test_free_port_can_be_bound() -> None:
-    port = free_port()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+def test_free_port_can_be_bound_and_is_not_one_the_os_hands_out() -> None:
+    """The port binds, and lies below the ephemeral range, where the OS picks ports for other
+    binds to port 0 (vLLM's internal ones): 20 picks, all below it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(20):
+        port = free_port()
+        assert 10_000 <= port < low
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
 
 
 def test_a_server_that_exits_fails_fast_with_its_log(tmp_path: Path) -> None:

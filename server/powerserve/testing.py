@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,8 +34,26 @@ POLL_S = 0.25  # between two /health probes while a server starts
 
 
 def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (the OS picks it)."""
-    with socket.socket() as s:
+    """A TCP port that was free on 127.0.0.1 a moment ago, below the OS's ephemeral range.
+
+    A port the OS picks (bind to port 0) comes from the ephemeral range, where the OS may hand
+    it out again before the server binds it: vLLM's engine picks its own internal ports that
+    way, and once took the one chosen for the server while the engine started ("address already
+    in use"). Below that range the OS assigns nothing by itself.
+    """
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10_000, max(10_001, low))
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything tried was taken: let the OS pick
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
 
