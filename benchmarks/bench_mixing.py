@@ -207,9 +207,7 @@ class Pimh:
                 stats.add("accepted_proposals", 1)
             stats.add("proposals", 1)
         for _, own in results:
-            stats.calls += own.calls
-            stats.tokens_generated += own.tokens_generated
-            stats.tokens_scored += own.tokens_scored
+            stats.absorb(own)
         if self.runs > 1:
             stats.extra["acceptance_rate"] = stats.extra.get("accepted_proposals", 0.0) / (self.runs - 1)
         for step in results[current][0]:

@@ -85,6 +85,12 @@ class EngineStats:
         """Add ``value`` to the counter ``extra[key]`` (created at 0)."""
         self.extra[key] = self.extra.get(key, 0.0) + value
 
+    def absorb(self, other: EngineStats) -> None:
+        """Add ``other``'s engine work (calls, generated and scored tokens); not its ``extra``."""
+        self.calls += other.calls
+        self.tokens_generated += other.tokens_generated
+        self.tokens_scored += other.tokens_scored
+
 
 class Engine(abc.ABC):
     """A loaded model that can sample continuations of token ids and score tokens.

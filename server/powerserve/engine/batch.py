@@ -85,8 +85,10 @@ class Batch:
         ours, theirs = kv_layers(self.cache), [kv_layers(seq.cache) for _, seq in joining]
         like = ours or next((kv for kv in theirs if kv is not None), None)
         if like is not None:
-            pieces: list[Piece] = [(0, ours, self.width)] if ours is not None else []
-            pieces += [(b, None, 0) for b in range(len(self.rows)) if ours is None]
+            # the batch's rows (all zeros while it holds no column yet), then each joining row
+            pieces: list[Piece] = (
+                [(0, ours, self.width)] if ours is not None else [(b, None, 0) for b in range(len(self.rows))]
+            )
             first = len(self.rows)
             pieces += [(first + j, kv, n) for j, (kv, n) in enumerate(zip(theirs, lengths, strict=True))]
             self.cache = assemble(self.config, like, first + len(joining), width, pieces)
@@ -133,23 +135,22 @@ class Batch:
         unused = min(r.start for r in rows)
         kv = kv_layers(self.cache)
         if kv is not None:  # the kept rows, in runs of consecutive ones: one copy per run and layer
-            pieces: list[Piece] = []
-            for first, (lo, hi) in _runs(keep):
-                pieces.append(
-                    (first, [(k[lo:hi, :, unused:], v[lo:hi, :, unused:]) for k, v in kv], self.width - unused)
-                )
+            pieces: list[Piece] = [
+                (first, [(k[lo:hi, :, unused:], v[lo:hi, :, unused:]) for k, v in kv], self.width - unused)
+                for first, lo, hi in _runs(keep)
+            ]
             self.cache = assemble(self.config, kv, len(keep), self.width - unused, pieces)
         for r in rows:
             r.start -= unused
         self.rows, self.width = rows, self.width - unused
 
 
-def _runs(keep: list[int]) -> list[tuple[int, tuple[int, int]]]:
-    """Runs of consecutive indices in sorted ``keep``: (position of the run in keep, (lo, hi))."""
-    out: list[tuple[int, tuple[int, int]]] = []
+def _runs(keep: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of consecutive indices in sorted ``keep``: (position of the run in keep, lo, hi)."""
+    out: list[tuple[int, int, int]] = []
     for pos, b in enumerate(keep):
-        if out and out[-1][1][1] == b:
-            out[-1] = (out[-1][0], (out[-1][1][0], b + 1))
+        if out and out[-1][2] == b:
+            out[-1] = (out[-1][0], out[-1][1], b + 1)
         else:
-            out.append((pos, (b, b + 1)))
+            out.append((pos, b, b + 1))
     return out

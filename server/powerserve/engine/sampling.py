@@ -72,9 +72,9 @@ def sample_rows(
     top = logits.amax(-1, keepdim=True).to(torch.float64)  # [B, 1]
     shifted = logits - top  # [B, V] float64 (type promotion: one pass)
     log_norm_p = shifted.exp().sum(-1).log()  # [B]
-    raw = torch.tensor([s.is_raw for s in specs], device=logits.device)
+    raw = [s.is_raw for s in specs]
     z = shifted
-    if not bool(raw.all()):
+    if not all(raw):
         t = torch.tensor([s.temperature for s in specs], dtype=torch.float64, device=logits.device)
         z = shifted / t[:, None]
         for b, spec in enumerate(specs):
@@ -85,7 +85,7 @@ def sample_rows(
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(logits.device)
     token = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0].clamp_(max=vocab - 1)  # [B]
     logp = shifted.gather(-1, token[:, None])[:, 0] - log_norm_p
-    logq = torch.where(raw, logp, z.gather(-1, token[:, None])[:, 0] - total.log())
+    logq = torch.where(torch.tensor(raw, device=logits.device), logp, z.gather(-1, token[:, None])[:, 0] - total.log())
     ok = torch.isfinite(total) & (total > 0)
     picked = torch.stack([token.to(torch.float64), logq, logp, ok.to(torch.float64)])
     out: list[TokenStep | Exception] = []

@@ -58,8 +58,7 @@ async def score_prompts(
     scores = await asyncio.gather(*(score_prompt(engine, p, k, s) for p, s in zip(prompts, parts, strict=True)))
     total = EngineStats()
     for s in parts:
-        total.calls += s.calls
-        total.tokens_scored += s.tokens_scored
+        total.absorb(s)
     return list(scores), total
 
 
