@@ -405,9 +405,41 @@ async def test_concurrent_calls_share_decode_steps(model: torch.nn.Module) -> No
         specs = [SamplingSpec(max_tokens=16, seed=s) for s in range(8)]
         await asyncio.gather(*(run(engine, PROMPT, spec) for spec in specs))
         print(f"\n8 x 16 tokens: {engine.decode_steps} decode steps, {engine.forward_count} forwards")
-        # A call that arrives after the first step has started joins at the next one.
-        assert engine.decoded_rows == 128 and engine.decode_steps <= 24
-        assert engine.forward_count <= engine.decode_steps + 8  # plus the prefills: one here, shared
+        # Started together on an idle engine, they are admitted together: one prefill, then the
+        # prompt's last token once for all 8 (their first tokens), then 15 steps of 8 rows.
+        assert engine.decode_steps == 16 and engine.decoded_rows == 1 + 8 * 15
+        assert engine.forward_count == 1 + 16
     async for engine in make_engine(model, max_batch_size=1):
         await asyncio.gather(*(run(engine, PROMPT, spec) for spec in specs))
         assert engine.decode_steps == 128
+
+
+async def test_calls_with_one_prompt_share_their_first_forward(model: torch.nn.Module) -> None:
+    """Calls started together with one prompt on an idle engine: the prompt's last token runs
+    once (a forward of one row) and every call draws its first token from those logits with its
+    own spec and generator. The draws are the same as each call's alone; the first step's rows
+    are saved (without sharing, decoded_rows would be the sum of the lengths)."""
+    eos = frozenset({0})
+    specs = [
+        SamplingSpec(max_tokens=1, seed=20),  # ends at the shared forward: never joins a batch
+        SamplingSpec(max_tokens=6, temperature=0.7, seed=21),
+        SamplingSpec(max_tokens=9, temperature=1.3, top_p=0.9, seed=22),
+        SamplingSpec(max_tokens=4, top_k=5, seed=23),
+        SamplingSpec(max_tokens=12, seed=24),
+    ]
+    calls = [(PROMPT, spec) for spec in specs]
+    async for engine in make_engine(model, eos=eos):
+        together = await asyncio.gather(*(run(engine, p, spec) for p, spec in calls))
+        assert engine.decoded_rows == 1 + sum(len(steps) - 1 for steps in together)
+        assert sum(len(steps) for steps in together) > engine.decoded_rows
+        for steps, want in zip(together, await alone(model, calls, eos=eos), strict=True):
+            assert_same_steps(steps, want)
+    async for engine in make_engine(model, eos=eos):  # beside a live batch: no shared forward
+        first = engine.generate(CALLS[0][0], SamplingSpec(max_tokens=40, seed=1), EngineStats())
+        await anext(first)
+        rows_before = engine.decoded_rows
+        late = await asyncio.gather(*(run(engine, p, spec) for p, spec in calls))
+        await first.aclose()
+        assert engine.decoded_rows - rows_before >= sum(len(steps) for steps in late)
+        for steps, want in zip(late, await alone(model, calls, eos=eos), strict=True):
+            assert_same_steps(steps, want)

@@ -45,9 +45,11 @@ class Scheduler:
         self._scheduled = False
 
     def submit(self, row: Row) -> None:
-        """Queue ``row`` (from any thread); it joins a batch at the next step."""
+        """Queue ``row``; it joins a batch at the next step. The worker is woken from the row's
+        event loop once the callbacks already queued there have run, so calls started together
+        (the K proposals of an MCMC step, the particles of an SMC run) are admitted together."""
         self.joining.append(row)
-        self.wake()
+        row.loop.call_soon_threadsafe(self.wake)
 
     def wake(self) -> None:
         """Queue one :meth:`step` on the worker unless one is queued already."""
@@ -94,26 +96,60 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Prefill waiting calls (one at a time) up to ``max_batch_size`` live rows; then they
-        join the batch together, the batch's cache copied once for all of them."""
+        join the batch together, the batch's cache copied once for all of them.
+
+        Calls that all share one prompt and find the engine idle (:meth:`_first_step_shared`)
+        run that prompt's last token once for all of them."""
         live = sum(len(batch.rows) for batch in self.batches)
-        admitted: list[tuple[Row, CachedSequence]] = []
-        while self.joining and live + len(admitted) < self.max_batch_size:
+        taken: list[Row] = []
+        while self.joining and live + len(taken) < self.max_batch_size:
             row = self.joining.popleft()
-            if row.closed:
-                continue
-            try:
-                seq = self.runner.prefill(row.prompt)
-            except Exception as error:
-                row.deliver(error)
-                continue
-            row.tokens, row.pending, row.reused = seq.tokens, row.prompt[-1], seq.reused
-            admitted.append((row, seq))
+            if not row.closed:
+                taken.append(row)
+        shared = not live and len(taken) > 1 and self.runner.full_attention
+        if shared and all(row.prompt == taken[0].prompt for row in taken):
+            admitted = self._first_step_shared(taken)
+        else:
+            admitted = []
+            for row in taken:
+                try:
+                    seq = self.runner.prefill(row.prompt)
+                except Exception as error:
+                    row.deliver(error)
+                    continue
+                row.tokens, row.pending, row.reused = seq.tokens, row.prompt[-1], seq.reused
+                admitted.append((row, seq))
         if not self.runner.full_attention:  # no shared padded cache: a batch each
             self.batches += [Batch(self.runner.config, row, seq) for row, seq in admitted]
         elif admitted:
             if not self.batches:
                 self.batches.append(Batch(self.runner.config, *admitted.pop(0)))
             self.batches[0].join(admitted)
+
+    def _first_step_shared(self, rows: list[Row]) -> list[tuple[Row, CachedSequence]]:
+        """First tokens of rows with one prompt, on an idle engine: one forward of one row.
+
+        The prompt is prefilled once and its last token run once; every row then draws its first
+        token from those logits with its own spec and generator, exactly as it would in a
+        batched step (the same law, the same draws), instead of the first step running that
+        token once per row. With nothing else decoding, that step would cost a forward over all
+        the rows; beside a live batch, the rows ride along at a small marginal cost, so they do
+        not take this path. Returns the rows that go on, each with the shared cache (a joining
+        row's cache is copied into the batch's).
+        """
+        prompt = rows[0].prompt
+        try:
+            seq = self.runner.prefill(prompt)
+            logits = self.runner.forward(seq, prompt[-1:], all_logits=False)  # [1, V]
+        except Exception as error:
+            deliver_all([(row, error) for row in rows])
+            return []
+        self.decode_steps += 1
+        self.decoded_rows += 1
+        for i, row in enumerate(rows):  # after the first, each row found the prompt prefilled
+            row.tokens, row.reused = list(seq.tokens), seq.reused if i == 0 else len(prompt) - 1
+        self._sample(rows, logits.expand(len(rows), -1), batch_rows=1)
+        return [(row, seq) for row in rows if not row.finished]
 
     def _decode(self, batch: Batch) -> None:
         rows = batch.rows
@@ -133,13 +169,18 @@ class Scheduler:
             return
         if len(live) < len(rows):
             logits = logits[torch.tensor(live, device=logits.device)]
+        self._sample([rows[b] for b in live], logits, batch_rows=len(rows))
+
+    def _sample(self, rows: list[Row], logits: torch.Tensor, batch_rows: int) -> None:
+        """Draw each row's next token from its row of ``logits`` [len(rows), V] and deliver them
+        all at once (``batch_rows``: the rows of the forward that made the logits); a row whose
+        draw fails gets the error and ends, not the others."""
         try:
-            steps = sample_rows(logits, [rows[b].spec for b in live], [rows[b].generator for b in live])
+            steps = sample_rows(logits, [row.spec for row in rows], [row.generator for row in rows])
         except Exception as error:  # end these rows, not the engine
-            steps = [error] * len(live)
+            steps = [error] * len(rows)
         out: list[tuple[Row, Delivery]] = []
-        for b, step in zip(live, steps, strict=True):
-            row = rows[b]
+        for row, step in zip(rows, steps, strict=True):
             if isinstance(step, Exception):  # e.g. NaN logits: end this row, not every other one
                 row.finished = True
                 out.append((row, step))
@@ -147,7 +188,7 @@ class Scheduler:
             row.pending = step.token_id
             row.produced += 1
             row.finished = step.token_id in self.eos_token_ids or row.produced == row.spec.max_tokens
-            out.append((row, (step, len(rows))))
+            out.append((row, (step, batch_rows)))
         deliver_all(out)
 
     def _retire(self) -> None:
