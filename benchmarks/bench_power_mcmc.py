@@ -63,7 +63,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server does: 2 cor
 
 import torch
 from long_answer_table import Measured, markdown_table  # benchmarks/, beside this script
-from mcmc_baselines import load_reference, reference_style_chain, replay_plain_generate, run_reference
+from mcmc_baselines import (
+    load_reference,
+    plain_generate,
+    reference_style_chain,
+    replay_plain_generate,
+    run_reference,
+)
 
 from powerserve.decoders.base import Decoder, DecodeRequest, DecoderParams, OpenAISampling
 from powerserve.decoders.power_mcmc import PowerMcmcDecoder, PowerMcmcParams
@@ -203,6 +209,17 @@ async def bench(args: argparse.Namespace) -> tuple[list[str], dict[str, list[Mea
                 results.setdefault(key, []).extend(runs)
                 log(f"round {r + 1}: {key} batch {runs[0].batch_wall:.1f} s")
 
+    # What the model itself costs to decode several rows at once: plain `generate` of 1,
+    # --in-flight and --particles rows on each prompt, the sizes alternating; --max-tokens tokens
+    # less 1 token, so that the prefill of the n copies of the prompt cancels out.
+    sizes = sorted({1, args.in_flight, args.particles})
+    rows_s = {n: 0.0 for n in sizes}
+    for prompt in prompts:
+        for n in sizes:
+            full = plain_generate(model, prompt, args.max_tokens, args.alpha, rows=n)
+            rows_s[n] += full - plain_generate(model, prompt, 1, args.alpha, rows=n)
+    log("plain generate by rows: " + ", ".join(f"{n}: {s:.1f} s" for n, s in rows_s.items()))
+
     for runs in results.values():  # self-reward, untimed, scored alike for every row
         for run in runs:
             if run.output:
@@ -214,6 +231,7 @@ async def bench(args: argparse.Namespace) -> tuple[list[str], dict[str, list[Mea
     base_s, plain_s = sum(b for b, _ in replay_s), sum(p for _, p in replay_s)
     ratio = base_s / plain_s if plain_s else float("nan")
     verdict = "within 10%" if ratio <= 1.10 else "NOT within 10% of plain generate"
+    by_rows = ", ".join(f"{n} rows {rows_s[n] / rows_s[1]:.2f}x one row" for n in sizes[1:])
     gen = sum(r.generated for r in results[BASELINE])
     lines += [
         "",
@@ -223,6 +241,13 @@ async def bench(args: argparse.Namespace) -> tuple[list[str], dict[str, list[Mea
         f"Baseline faithfulness: {base_s / gen * 1e3:.1f} ms per generated token against "
         f"{plain_s / gen * 1e3:.1f} ms for plain `generate` replaying exactly its calls "
         f"({len(results[BASELINE])} completions, {gen} tokens): ratio {ratio:.3f} ({verdict}).",
+        "",
+        f"The model's own cost of decoding rows side by side (plain `generate`, {args.max_tokens} tokens "
+        f"less 1 token on each prompt, same run): {by_rows}. "
+        f"So by the model's own cost, `power_smc` with {args.particles} particles needs about "
+        f"{rows_s[args.particles] / rows_s[1]:.2f}x `standard` on this machine, and {args.in_flight} "
+        f"requests in flight give at most {args.in_flight * rows_s[1] / rows_s[args.in_flight]:.2f}x "
+        "the throughput of one (an engine adds its own work to the model's forwards).",
     ]
     return lines, results
 

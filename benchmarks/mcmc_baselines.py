@@ -162,30 +162,34 @@ def reference_style_chain(
     return run
 
 
-@torch.no_grad()
 def replay_plain_generate(model: Any, calls: Sequence[GenerateCall], alpha: float) -> float:
     """Seconds plain ``generate`` takes for the same calls: same contexts, exactly the same
-    numbers of new tokens (``min_new_tokens`` = ``max_new_tokens``), sampling at 1/alpha, no
-    scores or logits kept. Calls that generated nothing are skipped (the baseline made none)."""
-    total = 0.0
-    for call in calls:
-        if call.generated == 0:
-            continue
-        ids = torch.tensor([list(call.context)])
-        t0 = time.perf_counter()
-        model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=call.generated,
-            min_new_tokens=call.generated,
-            do_sample=True,
-            temperature=1.0 / alpha,
-            top_k=0,
-            top_p=1.0,
-            pad_token_id=0,
-        )
-        total += time.perf_counter() - t0
-    return total
+    numbers of new tokens, sampling at 1/alpha, no scores or logits kept. Calls that generated
+    nothing are skipped (the baseline made none)."""
+    return sum(plain_generate(model, list(c.context), c.generated, alpha) for c in calls if c.generated)
+
+
+@torch.no_grad()
+def plain_generate(model: Any, context: list[int], new_tokens: int, alpha: float, rows: int = 1) -> float:
+    """Seconds of one plain ``generate`` of ``rows`` samples of exactly ``new_tokens`` tokens each
+    (``min_new_tokens`` = ``max_new_tokens``) after ``context``, at temperature 1/alpha without
+    truncation, no scores or logits kept. With ``rows`` > 1 (``num_return_sequences``) it is what
+    the model itself costs to decode that many rows side by side."""
+    ids = torch.tensor([context])
+    t0 = time.perf_counter()
+    model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=True,
+        temperature=1.0 / alpha,
+        top_k=0,
+        top_p=1.0,
+        num_return_sequences=rows,
+        pad_token_id=0,
+    )
+    return time.perf_counter() - t0
 
 
 class CountingModel:
