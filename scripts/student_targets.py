@@ -1,0 +1,93 @@
+"""The targets of issue 14, item 4, from ``powerserve eval`` result files: the student against
+``temperature`` (self-reward per token and accuracy) and against ``standard`` (cost), paired by
+task, per task set.
+
+    python scripts/student_targets.py eval-smc/arithmetic-cheap/result.json eval-smc/math500-cheap/result.json
+
+Per task set, over the tasks both decoders answered without an error:
+- self-reward per token: each decoder's mean, and the mean paired difference (student minus
+  temperature) with its 95% normal half-width;
+- accuracy: both counts, and the discordant pairs (student right and temperature wrong, the
+  other way round), with the exact two-sided sign-test p-value on them (McNemar);
+- cost: engine tokens per answer (generated + scored) over standard's, and generated tokens
+  alone over standard's.
+Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+STUDENT, TEMPERATURE, STANDARD = "distilled", "temperature", "standard"
+
+
+def by_decoder(rows: list[dict[str, Any]], name: str) -> dict[str, dict[str, Any]]:
+    """The rows of the decoder whose label is ``name`` or starts with ``name(``, by task id."""
+    return {
+        r["task_id"]: r
+        for r in rows
+        if (r["decoder"] == name or r["decoder"].startswith(name + "(")) and r["error"] is None
+    }
+
+
+def per_token(r: dict[str, Any]) -> float:
+    return float(r["self_reward_sum"]) / max(1, int(r["completion_tokens"]))
+
+
+def sign_test(b: int, c: int) -> float:
+    """Exact two-sided p-value of b successes out of b + c at probability 1/2."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def task_set_lines(task_set: str, rows: list[dict[str, Any]]) -> list[str]:
+    student, temp, std = (by_decoder(rows, n) for n in (STUDENT, TEMPERATURE, STANDARD))
+    paired = sorted(set(student) & set(temp))
+    diffs = [per_token(student[t]) - per_token(temp[t]) for t in paired]
+    mean_d = statistics.fmean(diffs)
+    half = 1.96 * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    b = sum(1 for t in paired if student[t]["correct"] and not temp[t]["correct"])
+    c = sum(1 for t in paired if temp[t]["correct"] and not student[t]["correct"])
+    both = sorted(set(student) & set(std))
+    eng = statistics.fmean(student[t]["engine_tokens"] for t in both) / statistics.fmean(
+        std[t]["engine_tokens"] for t in both
+    )
+    gen = statistics.fmean(student[t]["tokens_generated"] for t in both) / statistics.fmean(
+        std[t]["tokens_generated"] for t in both
+    )
+    return [
+        f"| {task_set} | self-reward per token >= temperature's | "
+        f"{statistics.fmean(per_token(student[t]) for t in paired):.3f} vs "
+        f"{statistics.fmean(per_token(temp[t]) for t in paired):.3f}; paired {mean_d:+.3f} ± {half:.3f} "
+        f"({len(paired)} pairs) |",
+        f"| {task_set} | accuracy >= temperature's | "
+        f"{sum(bool(student[t]['correct']) for t in paired)}/{len(paired)} vs "
+        f"{sum(bool(temp[t]['correct']) for t in paired)}/{len(paired)}; discordant {b} / {c}, "
+        f"sign test p = {sign_test(b, c):.2f} |",
+        f"| {task_set} | engine tokens <= 1.1x standard's | {eng:.2f}x (generated alone {gen:.2f}x; "
+        f"{len(both)} pairs) |",
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", type=Path, nargs="+", help="result.json files of powerserve eval")
+    args = ap.parse_args()
+    rows = [r for path in args.results for r in json.loads(path.read_text())["rows"]]
+    print("| task set | target | student vs the reference decoder |")
+    print("|---|---|---|")
+    for task_set in dict.fromkeys(r["task_set"] for r in rows):
+        print("\n".join(task_set_lines(task_set, [r for r in rows if r["task_set"] == task_set])))
+
+
+if __name__ == "__main__":
+    main()
