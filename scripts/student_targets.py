@@ -11,7 +11,8 @@ Per task set, over the tasks both decoders answered without an error:
   other way round), with the exact two-sided sign-test p-value on them (McNemar);
 - cost: engine tokens per answer (generated + scored) over standard's, and generated tokens
   alone over standard's.
-Prints a Markdown table.
+Then the student against every other decoder in the files, on the tasks both answered.
+Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -78,6 +79,35 @@ def task_set_lines(task_set: str, rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def versus_lines(task_set: str, rows: list[dict[str, Any]]) -> list[str]:
+    """The student against every other decoder, on the tasks both answered: paired differences
+    of self-reward per answer and per token (95% half-widths) and the discordant pairs."""
+    student = by_decoder(rows, STUDENT)
+    out = []
+    for label in dict.fromkeys(r["decoder"] for r in rows):
+        if label == STUDENT:
+            continue
+        other = by_decoder(rows, label)
+        tasks = sorted(set(student) & set(other))
+        if len(tasks) < 2:
+            continue
+        answer = [student[t]["self_reward_sum"] - other[t]["self_reward_sum"] for t in tasks]
+        token = [per_token(student[t]) - per_token(other[t]) for t in tasks]
+        b = sum(1 for t in tasks if student[t]["correct"] and not other[t]["correct"])
+        c = sum(1 for t in tasks if other[t]["correct"] and not student[t]["correct"])
+        out.append(
+            f"| {task_set} | {label} | {len(tasks)} | {_mean_hw(answer, 2)} | {_mean_hw(token, 3)} | "
+            f"{sum(bool(student[t]['correct']) for t in tasks)} vs {sum(bool(other[t]['correct']) for t in tasks)}"
+            f" ({b} / {c}) |"
+        )
+    return out
+
+
+def _mean_hw(xs: list[float], digits: int) -> str:
+    half = 1.96 * statistics.stdev(xs) / math.sqrt(len(xs))
+    return f"{statistics.fmean(xs):+.{digits}f} ± {half:.{digits}f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", type=Path, nargs="+", help="result.json files of powerserve eval")
@@ -85,8 +115,14 @@ def main() -> None:
     rows = [r for path in args.results for r in json.loads(path.read_text())["rows"]]
     print("| task set | target | student vs the reference decoder |")
     print("|---|---|---|")
-    for task_set in dict.fromkeys(r["task_set"] for r in rows):
+    task_sets = list(dict.fromkeys(r["task_set"] for r in rows))
+    for task_set in task_sets:
         print("\n".join(task_set_lines(task_set, [r for r in rows if r["task_set"] == task_set])))
+    print("\nThe student minus each decoder, paired by task (accuracy: student vs decoder, discordant pairs):\n")
+    print("| task set | decoder | pairs | self-reward per answer | per token | accuracy |")
+    print("|---|---|---|---|---|---|")
+    for task_set in task_sets:
+        print("\n".join(versus_lines(task_set, [r for r in rows if r["task_set"] == task_set])))
 
 
 if __name__ == "__main__":
