@@ -111,8 +111,15 @@ def _mean_hw(xs: list[float], digits: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", type=Path, nargs="+", help="result.json files of powerserve eval")
+    ap.add_argument("--plot", type=Path, default=None, help="also draw every file's decoders together, per task set")
     args = ap.parse_args()
-    rows = [r for path in args.results for r in json.loads(path.read_text())["rows"]]
+    docs = [json.loads(path.read_text()) for path in args.results]
+    rows = [r for doc in docs for r in doc["rows"]]
+    if args.plot:
+        from powerserve_client.eval.report import plot
+
+        args.plot.mkdir(parents=True, exist_ok=True)
+        plot([s for doc in docs for s in doc["summary"]], args.plot)
     print("| task set | target | student vs the reference decoder |")
     print("|---|---|---|")
     task_sets = list(dict.fromkeys(r["task_set"] for r in rows))

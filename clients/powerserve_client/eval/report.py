@@ -191,14 +191,16 @@ def plot(summaries: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         if not rows:
             continue
         fig, (ax_acc, ax_sr) = plt.subplots(1, 2, figsize=(11, 4.2))
+        ns = sorted({s["n"] for s in rows})  # decoders asked on different numbers of tasks: say so
         for s in rows:
             x = s["engine_tokens_mean"]
             lo, hi = s["accuracy_ci95"]
             acc = s["accuracy"] or 0.0
-            ax_acc.errorbar(x, acc, yerr=[[acc - lo], [hi - acc]], fmt="o", capsize=3, label=s["decoder"])
+            label = s["decoder"] if len(ns) == 1 else f"{s['decoder']} (n = {s['n']})"
+            ax_acc.errorbar(x, acc, yerr=[[acc - lo], [hi - acc]], fmt="o", capsize=3, label=label)
             if s["self_reward_mean"] is not None:
                 se = (s["self_reward_sd"] or 0.0) / math.sqrt(max(1, s["n"] - s["errors"]))
-                ax_sr.errorbar(x, s["self_reward_mean"], yerr=se, fmt="o", capsize=3, label=s["decoder"])
+                ax_sr.errorbar(x, s["self_reward_mean"], yerr=se, fmt="o", capsize=3, label=label)
         for ax, ylabel in ((ax_acc, "accuracy (verifier), 95% CI"), (ax_sr, "self-reward: log p(answer), ± s.e.")):
             ax.set_xscale("log")
             ax.set_xlabel("engine tokens per answer (generated + scored)")
@@ -206,8 +208,8 @@ def plot(summaries: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             ax.grid(True, alpha=0.3)
         ax_acc.set_ylim(-0.02, 1.02)
         ax_sr.legend(fontsize=8, loc="best")
-        n = max(s["n"] for s in rows)
-        fig.suptitle(f"{task_set}: reward vs cost per decoder (n = {n} per decoder)")
+        counts = f"n = {ns[0]} per decoder" if len(ns) == 1 else "n per decoder: " + ", ".join(map(str, ns))
+        fig.suptitle(f"{task_set}: reward vs cost per decoder ({counts})")
         fig.tight_layout()
         path = out_dir / f"{task_set}_reward_vs_cost.png"
         out_dir.mkdir(parents=True, exist_ok=True)
