@@ -2,9 +2,13 @@
 
 Two servers on the embedded model, one after the other (one vLLM engine alive at a time):
 
-- ``lora``: ``--distilled bench=ADAPTER``: LoRA enabled. ``standard`` and ``distilled`` take
-  turns, round by round, on the same prompts, lengths and seeds, at 1 and 8 concurrent
-  requests. ``distilled`` pays its scoring pass under the base model (self-reward) as served.
+- ``lora``: ``--distilled bench=ADAPTER``: LoRA enabled. ``standard``, ``scored`` and
+  ``distilled`` take turns, round by round, on the same prompts, lengths and seeds, at 1 and 8
+  concurrent requests. ``distilled`` pays its scoring pass under the base model (self-reward) as
+  served. ``scored`` is ``temperature`` at alpha 1.01: the base model's own sampling (at
+  temperature 0.99, so vLLM's log-probabilities are not the raw ones) plus the same scoring
+  pass. So ``scored`` over ``standard`` is what the scoring pass costs, and ``distilled`` over
+  ``scored`` what decoding through the adapter costs.
 - ``plain``: no ``--distilled``: LoRA disabled, ``standard`` alone at 1 and 8 concurrent: what
   enabling LoRA costs ``standard`` (on CPU vLLM also turns graph compilation off with LoRA, so
   run once without ``--enforce-eager`` to see that part).
@@ -126,7 +130,11 @@ def main() -> int:
     lora = run_server(
         "lora",
         ["--distilled", f"bench={adapter}"],
-        {"standard": "standard", "distilled": {"name": "distilled", "student": "bench"}},
+        {
+            "standard": "standard",
+            "scored": {"name": "temperature", "alpha": 1.01},
+            "distilled": {"name": "distilled", "student": "bench"},
+        },
         ns,
         work,
     )
@@ -137,10 +145,15 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for c in CONCURRENCY:
         ref, bare = lora[("standard", c)], plain[("standard", c)]
-        for name in ("standard", "distilled"):
+        for name in ("standard", "scored", "distilled"):
             tps = lora[(name, c)]
             print(f"| LoRA enabled | {name} | {c} | {tps:.1f} | {tps / ref:.2f}x | {tps / bare:.2f}x |")
         print(f"| LoRA disabled | standard | {c} | {bare:.1f} | - | 1.00x |")
+    print(
+        "\n`scored` (temperature, alpha 1.01): the base's sampling plus the scoring pass that `distilled` "
+        "also pays; so `distilled` / `scored` is the adapter's share of the cost: "
+        + ", ".join(f"{lora[('distilled', c)] / lora[('scored', c)]:.2f}x at {c} concurrent" for c in CONCURRENCY)
+    )
     print(f"\nlogs: {work}")
     return 0
 
