@@ -47,7 +47,7 @@ class PowerMcmcParams(PowerParams):
         description=(
             "multiple-proposal Metropolis steps after each block (0: plain temperature 1/alpha). Default 4 "
             "with 8 proposals: on the mixing benchmark (docs/benchmarks.md, real model, 400 draws) TV to "
-            "p^alpha 0.072 against 0.309 for the old 8-step single-proposal chain, at 1.12x its wall time; "
+            "p^alpha 0.072 against 0.309 for the old 8-step single-proposal chain, in 0.83x its wall time; "
             "2 steps leave 0.24 (a step reaches position 0 only with probability 1/n)"
         ),
     )
