@@ -54,10 +54,7 @@ def task_set_lines(task_set: str, rows: list[dict[str, Any]]) -> list[str]:
     student, temp, std = (by_decoder(rows, n) for n in (STUDENT, TEMPERATURE, STANDARD))
     paired = sorted(set(student) & set(temp))
     diffs = [per_token(student[t]) - per_token(temp[t]) for t in paired]
-    mean_d = statistics.fmean(diffs)
-    half = 1.96 * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    b = sum(1 for t in paired if student[t]["correct"] and not temp[t]["correct"])
-    c = sum(1 for t in paired if temp[t]["correct"] and not student[t]["correct"])
+    b, c = discordant(student, temp, paired)
     both = sorted(set(student) & set(std))
     eng = statistics.fmean(student[t]["engine_tokens"] for t in both) / statistics.fmean(
         std[t]["engine_tokens"] for t in both
@@ -68,7 +65,7 @@ def task_set_lines(task_set: str, rows: list[dict[str, Any]]) -> list[str]:
     return [
         f"| {task_set} | self-reward per token >= temperature's | "
         f"{statistics.fmean(per_token(student[t]) for t in paired):.3f} vs "
-        f"{statistics.fmean(per_token(temp[t]) for t in paired):.3f}; paired {mean_d:+.3f} ± {half:.3f} "
+        f"{statistics.fmean(per_token(temp[t]) for t in paired):.3f}; paired {_mean_hw(diffs, 3)} "
         f"({len(paired)} pairs) |",
         f"| {task_set} | accuracy >= temperature's | "
         f"{sum(bool(student[t]['correct']) for t in paired)}/{len(paired)} vs "
@@ -93,8 +90,7 @@ def versus_lines(task_set: str, rows: list[dict[str, Any]]) -> list[str]:
             continue
         answer = [student[t]["self_reward_sum"] - other[t]["self_reward_sum"] for t in tasks]
         token = [per_token(student[t]) - per_token(other[t]) for t in tasks]
-        b = sum(1 for t in tasks if student[t]["correct"] and not other[t]["correct"])
-        c = sum(1 for t in tasks if other[t]["correct"] and not student[t]["correct"])
+        b, c = discordant(student, other, tasks)
         out.append(
             f"| {task_set} | {label} | {len(tasks)} | {_mean_hw(answer, 2)} | {_mean_hw(token, 3)} | "
             f"{sum(bool(student[t]['correct']) for t in tasks)} vs {sum(bool(other[t]['correct']) for t in tasks)}"
@@ -103,7 +99,15 @@ def versus_lines(task_set: str, rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def discordant(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]], tasks: list[str]) -> tuple[int, int]:
+    """Tasks only ``a`` answered correctly, and tasks only ``b`` did."""
+    only_a = sum(1 for t in tasks if a[t]["correct"] and not b[t]["correct"])
+    only_b = sum(1 for t in tasks if b[t]["correct"] and not a[t]["correct"])
+    return only_a, only_b
+
+
 def _mean_hw(xs: list[float], digits: int) -> str:
+    """Mean of ``xs`` with its 95% normal half-width."""
     half = 1.96 * statistics.stdev(xs) / math.sqrt(len(xs))
     return f"{statistics.fmean(xs):+.{digits}f} ± {half:.{digits}f}"
 
@@ -118,7 +122,6 @@ def main() -> None:
     if args.plot:
         from powerserve_client.eval.report import plot
 
-        args.plot.mkdir(parents=True, exist_ok=True)
         plot([s for doc in docs for s in doc["summary"]], args.plot)
     print("| task set | target | student vs the reference decoder |")
     print("|---|---|---|")
