@@ -31,7 +31,12 @@ Columns:
   afterwards by the engine for every row alike (untimed);
 - acceptance: baseline and reference, the share of MH tests passed (a proposal identical to the
   current suffix counts); ``power_mcmc``, the share of steps that changed the tokens;
-- x baseline: tokens/s over the baseline's tokens/s; 8 vs 1: tokens/s over the same row at 1.
+- x baseline: tokens/s over the baseline's tokens/s; 8 vs 1: tokens/s over that of the same
+  requests one at a time (the row "1 (the 8 in flight's requests)").
+
+After the table: the model's own cost of 1, K, 8, 16 and 8 x K rows side by side (plain
+``generate``, same run), and from it what 8 in flight can gain at most over the same requests
+alone (:func:`long_answer_table.in_flight_bound`).
 
 Faithfulness check, in the same run: after each baseline completion, plain ``generate`` (no
 scores, no MH) replays exactly its calls (same contexts, same numbers of new tokens); the table
@@ -62,7 +67,12 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server does: 2 cores, worker threads
 
 import torch
-from long_answer_table import Measured, markdown_table  # benchmarks/, beside this script
+from long_answer_table import (  # benchmarks/, beside this script
+    Measured,
+    in_flight_bound,
+    markdown_table,
+    tokens_per_second,
+)
 from mcmc_baselines import (
     load_reference,
     plain_generate,
@@ -197,22 +207,29 @@ async def bench(args: argparse.Namespace) -> tuple[list[str], dict[str, list[Mea
             for label in order[shift:] + order[:shift]:  # rotating order: machine noise hits all alike
                 results[label].append(await jobs[label](prompt, seed, args.max_tokens))
                 log(f"round {r + 1} prompt {j + 1}: {label} {results[label][-1].wall:.1f} s")
-        # n in flight: batches cycling over the prompts, as many requests as prompts (at least n)
+        # n in flight: batches cycling over the prompts, as many requests as prompts (at least n);
+        # then those of its requests the rows above did not run alone, one at a time, so that
+        # "n vs 1" compares the same requests (a request's chain length depends on its seed).
         n_req = max(args.in_flight, len(prompts))
         requests = [(prompts[j % len(prompts)], 1000 * r + j) for j in range(n_req)]
         for k in args.proposals:
             label = f"power_mcmc, K={k}"
             decoder, params = decoders[label]
-            key = f"{label} @{args.in_flight}"
+            key, same = f"{label} @{args.in_flight}", results.setdefault(f"{label} @1", [])
+            same += results[label][r * len(prompts) :]
             for b in range(0, n_req, args.in_flight):
                 runs = await in_flight(engine, decoder, params, requests[b : b + args.in_flight], args.max_tokens)
                 results.setdefault(key, []).extend(runs)
                 log(f"round {r + 1}: {key} batch {runs[0].batch_wall:.1f} s")
+            for prompt, seed in requests[len(prompts) :]:
+                same.append(await jobs[label](prompt, seed, args.max_tokens))
+                log(f"round {r + 1}: {label} alone, seed {seed} {same[-1].wall:.1f} s")
 
-    # What the model itself costs to decode several rows at once: plain `generate` of 1,
-    # --in-flight and --particles rows on each prompt, the sizes alternating; --max-tokens tokens
-    # less 1 token, so that the prefill of the n copies of the prompt cancels out.
-    sizes = sorted({1, args.in_flight, args.particles})
+    # What the model itself costs to decode several rows at once: plain `generate` of each row
+    # count the rows above use (1, K, --in-flight, --particles, --in-flight x K) on each prompt,
+    # the sizes alternating; --max-tokens tokens less 1 token, so that the prefill of the n copies
+    # of the prompt cancels out.
+    sizes = sorted({1, args.in_flight, args.particles, *args.proposals, *(args.in_flight * k for k in args.proposals)})
     rows_s = {n: 0.0 for n in sizes}
     for prompt in prompts:
         for n in sizes:
@@ -245,10 +262,23 @@ async def bench(args: argparse.Namespace) -> tuple[list[str], dict[str, list[Mea
         f"The model's own cost of decoding rows side by side (plain `generate`, {args.max_tokens} tokens "
         f"less 1 token on each prompt, same run): {by_rows}. "
         f"So by the model's own cost, `power_smc` with {args.particles} particles needs about "
-        f"{rows_s[args.particles] / rows_s[1]:.2f}x `standard` on this machine, and {args.in_flight} "
-        f"requests in flight give at most {args.in_flight * rows_s[1] / rows_s[args.in_flight]:.2f}x "
-        "the throughput of one (an engine adds its own work to the model's forwards).",
+        f"{rows_s[args.particles] / rows_s[1]:.2f}x `standard` on this machine.",
     ]
+    for k in args.proposals:  # n in flight against the same requests alone, and what the model allows
+        label = f"power_mcmc, K={k}"
+        together, alone = results[f"{label} @{args.in_flight}"], results[f"{label} @1"]
+        work = [run.generated + run.other for run in together]
+        bound = statistics.fmean(
+            in_flight_bound(work[b : b + args.in_flight], k, rows_s) for b in range(0, len(work), args.in_flight)
+        )
+        gain = tokens_per_second(together) / tokens_per_second(alone)
+        lines += [
+            "",
+            f"{label}: {args.in_flight} in flight give {gain:.2f}x the throughput of the same requests one at "
+            f"a time. By the model's own cost of rows side by side, these requests (engine tokens "
+            f"{', '.join(str(w) for w in work)}) allow {bound:.2f}x at most: the longest one's "
+            f"{max(work) // k} steps run one after another, with fewer rows once the others are done.",
+        ]
     return lines, results
 
 

@@ -9,11 +9,16 @@ latencies w_i; in flight, the batches' wall times W_b):
     engine tokens     = mean_i (generated_i + other_i)     (other: scored, or prefilled again)
     self-reward       = mean_i (mean log p per token of request i)
     x baseline        = tokens/s / baseline's tokens/s
-    N vs 1            = tokens/s of ``label @N`` / tokens/s of ``label``
+    N vs 1            = tokens/s of ``label @N`` / tokens/s of ``label @1`` (the same requests
+                        one at a time) when the row exists, else of ``label``
+
+:func:`in_flight_bound`: what the model's own cost of decoding rows side by side allows N
+requests in flight to gain over the same requests one at a time.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -99,12 +104,43 @@ def markdown_table(results: Mapping[str, Sequence[Measured]], baseline: str, n_f
         generated = sum(r.generated for r in runs)
         per_gen = _ratio(seconds(runs), generated)
         rewards = [r.self_reward for r in runs if r.self_reward is not None]
-        gain = _fmt(_ratio(tps, tokens_per_second(results[name])), ".2f", "x") if flight and results.get(name) else ""
+        alone = results.get(f"{name} @1") or results.get(name)
+        gain = _fmt(_ratio(tps, tokens_per_second(alone)), ".2f", "x") if flight not in ("", "1") and alone else ""
+        where = f"1 (the {n_flight} in flight's requests)" if flight == "1" else flight or "1"
         lines.append(
-            f"| {name} | {flight or 1} | {_mean([r.wall for r in runs]):.2f} | {_fmt(tps, '.2f')} | "
+            f"| {name} | {where} | {_mean([r.wall for r in runs]):.2f} | {_fmt(tps, '.2f')} | "
             f"{_fmt(per_gen * 1e3, '.1f', ' ms')} | "
             f"{_mean([r.generated for r in runs]):.0f} + {_mean([r.other for r in runs]):.0f} | "
             f"{_fmt(_mean(rewards), '.3f')} | {_fmt(_mean([r.acceptance for r in runs]), '.2f')} | "
             f"{_fmt(_ratio(tps, base), '.2f', 'x')} | {gain} |"
         )
     return lines
+
+
+def in_flight_bound(work: Sequence[float], rows_per_request: int, step_cost: Mapping[int, float]) -> float:
+    """The most that ``len(work)`` requests in flight can gain, by the model's own cost, over the
+    same requests one at a time.
+
+    Request i needs ``work[i]`` engine tokens and keeps ``rows_per_request`` (K) rows busy, so
+    it needs w_i / K decode steps. Alone, it costs (w_i / K) c(K); in flight, step s carries
+    r_s = K #{i : w_i / K > s} rows and costs c(r_s), however the engine schedules them: the
+    longest request's steps are sequential. ``step_cost`` maps row counts (1 among them, and
+    the largest r_s) to measured costs of a step; c is interpolated linearly between them,
+    which under-states a cost concave in r (the bound is then generous, never tight).
+
+        bound = sum_i (w_i / K) c(K) / sum_s c(r_s)
+    """
+    k = rows_per_request
+    points = sorted(step_cost.items())
+
+    def c(r: int) -> float:
+        for (r0, c0), (r1, c1) in itertools.pairwise(points):
+            if r0 <= r <= r1:
+                return c0 + (c1 - c0) * (r - r0) / (r1 - r0)
+        if r == points[0][0]:
+            return points[0][1]
+        raise ValueError(f"no measured cost around {r} rows")
+
+    steps = [w / k for w in work]
+    together = sum(c(k * sum(1 for n in steps if n > s)) for s in range(math.ceil(max(steps))))
+    return sum(steps) * c(k) / together

@@ -4,7 +4,7 @@ ratios against the baseline and against the same row at one request in flight.""
 from __future__ import annotations
 
 import pytest
-from benchmarks.long_answer_table import Measured, markdown_table, seconds, tokens_per_second
+from benchmarks.long_answer_table import Measured, in_flight_bound, markdown_table, seconds, tokens_per_second
 
 
 def run(n_out: int, wall: float, batch: float | None = None, reward: float | None = -0.5) -> Measured:
@@ -42,3 +42,30 @@ def test_missing_values_print_as_dashes() -> None:
     lines = markdown_table({"baseline": [run(0, 1.0, reward=None)]}, "baseline", 8)
     assert "| - |" in lines[2]
     assert "nan" not in lines[2]
+
+
+def test_in_flight_ratio_compares_the_same_requests_alone() -> None:
+    results = {
+        "baseline": [run(10, 5.0)],
+        "chain": [run(10, 1.0)],  # 10 tokens/s on the first request alone
+        "chain @1": [run(10, 1.0), run(10, 3.0)],  # both requests alone: 5 tokens/s
+        "chain @2": [run(10, 2.0, 2.0), run(10, 2.0, 2.0)],  # 10 tokens/s
+    }
+    lines = markdown_table(results, "baseline", 2)
+    same, together = lines[4].split(" | "), lines[5].split(" | ")
+    assert same[1] == "1 (the 2 in flight's requests)" and same[9].strip(" |") == ""
+    assert together[9].strip(" |") == "2.00x"  # against the same requests alone, not 1.00x
+
+
+def test_in_flight_bound() -> None:
+    # 2 requests of 4 and 2 steps at one row each, a step of 2 rows costing 1.5 one row's:
+    # alone 6 steps; together 2 steps of 2 rows and 2 of 1 row = 5 step-costs -> 6 / 5
+    cost = {1: 1.0, 2: 1.5}
+    assert in_flight_bound([4, 2], 1, cost) == pytest.approx(6 / 5)
+    assert in_flight_bound([4, 4], 1, cost) == pytest.approx(8 / 6)
+    # K = 2 rows each: 8 and 4 tokens are 4 and 2 steps of 2 rows (c = 1.5), then of 4 / 2 rows
+    cost4 = {1: 1.0, 2: 1.5, 4: 2.0}
+    assert in_flight_bound([8, 4], 2, cost4) == pytest.approx(6 * 1.5 / (2 * 2.0 + 2 * 1.5))
+    assert in_flight_bound([3, 3, 3], 1, {1: 1.0, 4: 2.5}) == pytest.approx(9 / (3 * 2.0))  # interpolated
+    with pytest.raises(ValueError):
+        in_flight_bound([3, 3, 3], 1, {1: 1.0, 2: 1.5})  # 3 rows: nothing measured around them

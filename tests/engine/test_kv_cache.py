@@ -8,7 +8,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from powerserve.engine.kv_cache import GrowingLayer, Piece, PrefixCache, Snapshot, assemble, kv_layers, new_cache
+from powerserve.engine.batch_cache import Piece, assemble
+from powerserve.engine.kv_cache import GrowingLayer, PrefixCache, Snapshot, kv_layers, new_cache
 from tests.tiny_model import make_tiny_llama
 
 

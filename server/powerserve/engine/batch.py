@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from powerserve.engine.base import SamplingSpec, TokenStep
-from powerserve.engine.kv_cache import CachedSequence, Piece, Snapshot, assemble, kv_layers
+from powerserve.engine.batch_cache import Piece, assemble, drop_in_place, join_in_place, spare_rows
+from powerserve.engine.kv_cache import CachedSequence, Snapshot, kv_layers
 
 Delivery = tuple[TokenStep, int] | BaseException  # (step, rows in that step's forward) or the error
 
@@ -69,15 +70,17 @@ class Batch:
     each row's own positions (passed explicitly), so where a key sits does not matter.
     """
 
-    def __init__(self, config: Any, row: Row, seq: CachedSequence) -> None:
-        """A batch of ``row`` alone, whose own cache ``seq`` holds ``row.tokens``."""
-        self.config = config
+    def __init__(self, config: Any, row: Row, seq: CachedSequence, max_rows: int) -> None:
+        """A batch of ``row`` alone, whose own cache ``seq`` holds ``row.tokens``; ``max_rows``
+        (the engine's batch size) bounds the rows its buffers keep to spare."""
+        self.config, self.max_rows = config, max_rows
         self.rows, self.cache, self.width, row.start = [row], seq.cache, len(row.tokens), 0
 
     def join(self, joining: list[tuple[Row, CachedSequence]]) -> None:
         """Add rows, each with its own cache ``seq`` holding ``row.tokens`` ([1, h, n, d] per
-        layer), in one concatenation per layer however many join (copying the batch's cache
-        once per step, not once per row)."""
+        layer): in place when the batch's buffers have the spare rows and left margin
+        (:func:`~powerserve.engine.batch_cache.join_in_place`), else in one new cache for all of
+        them (copying the batch's rows once per step, not once per joining row)."""
         if not joining:
             return
         lengths = [len(row.tokens) for row, _ in joining]
@@ -85,13 +88,13 @@ class Batch:
         ours, theirs = kv_layers(self.cache), [kv_layers(seq.cache) for _, seq in joining]
         like = ours or next((kv for kv in theirs if kv is not None), None)
         if like is not None:
-            # the batch's rows (all zeros while it holds no column yet), then each joining row
-            pieces: list[Piece] = (
-                [(0, ours, self.width)] if ours is not None else [(b, None, 0) for b in range(len(self.rows))]
-            )
             first = len(self.rows)
-            pieces += [(first + j, kv, n) for j, (kv, n) in enumerate(zip(theirs, lengths, strict=True))]
-            self.cache = assemble(self.config, like, first + len(joining), width, pieces)
+            new: list[Piece] = [(first + j, kv, n) for j, (kv, n) in enumerate(zip(theirs, lengths, strict=True))]
+            if ours is None or not join_in_place(self.cache, first, self.width, width, new):
+                # the batch's rows (all zeros while it holds no column yet), then each joining row
+                pieces: list[Piece] = [(0, ours, self.width)] if ours else [(b, None, 0) for b in range(first)]
+                rows = first + len(joining)
+                self.cache = assemble(self.config, like, rows, width, pieces + new, spare_rows(rows, self.max_rows))
             for r in self.rows:
                 r.start += width - self.width
             self.width = width
@@ -126,23 +129,28 @@ class Batch:
         return Snapshot(tuple(row.tokens), layers)
 
     def drop(self, gone: set[int]) -> None:
-        """Remove rows ``gone`` (indices), then the columns no remaining row uses."""
+        """Remove rows ``gone`` (indices), then the columns no remaining row uses: in place,
+        the last rows moving into the places of those that left
+        (:func:`~powerserve.engine.batch_cache.drop_in_place`), or into a new, smaller cache."""
         keep = [b for b in range(len(self.rows)) if b not in gone]
         if not keep:  # the batch is about to be discarded
             self.rows = []
             return
-        rows = [self.rows[b] for b in keep]
-        unused = min(r.start for r in rows)
+        unused = min(self.rows[b].start for b in keep)
         kv = kv_layers(self.cache)
-        if kv is not None:  # the kept rows, in runs of consecutive ones: one copy per run and layer
+        order = keep if kv is None else drop_in_place(self.cache, keep, self.width, unused)
+        if order is None and kv is not None:  # the kept rows, in runs of consecutive ones: one copy per run and layer
             pieces: list[Piece] = [
                 (first, [(k[lo:hi, :, unused:], v[lo:hi, :, unused:]) for k, v in kv], self.width - unused)
                 for first, lo, hi in _runs(keep)
             ]
-            self.cache = assemble(self.config, kv, len(keep), self.width - unused, pieces)
-        for r in rows:
+            rows = len(keep)
+            self.cache = assemble(self.config, kv, rows, self.width - unused, pieces, spare_rows(rows, self.max_rows))
+            order = keep
+        self.rows = [self.rows[b] for b in order or keep]
+        for r in self.rows:
             r.start -= unused
-        self.rows, self.width = rows, self.width - unused
+        self.width -= unused
 
 
 def _runs(keep: list[int]) -> list[tuple[int, int, int]]:

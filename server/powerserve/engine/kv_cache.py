@@ -1,7 +1,7 @@
 """KV caches of the torch engine: the cache layer that grows in place, one sequence's cache, its
 snapshots, and the LRU prefix cache.
 
-The shared, left-padded cache of a batch of sequences lives in :mod:`powerserve.engine.batch`.
+The shared, left-padded cache of a batch of sequences lives in :mod:`powerserve.engine.batch_cache`.
 """
 
 from __future__ import annotations
@@ -18,50 +18,63 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [batch, 
 
 
 class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
-    """A full-attention cache layer whose keys and values fill the front of a buffer with spare
-    columns, so a step writes only its new columns.
+    """A full-attention cache layer whose keys and values are a window of a buffer with spare
+    rows and columns: ``keys`` is ``buffer[:rows, :, lo : lo + length]``.
 
     ``DynamicLayer`` grows by ``torch.cat``, which copies the whole [B, h, W, d] cache at every
     decode step: at 16 rows of 200 columns on the embedded model that is about a fifth of the
-    step. Here the buffer is reallocated (with half as many columns again to spare) only when it
-    is full, so each column is copied a bounded number of times. ``keys`` and ``values`` are
-    views of the buffer's first columns. Columns once written are never written again (nothing
-    crops this layer), so a view handed out earlier (a :class:`Snapshot`) keeps its values.
+    step. Here a step writes only its new columns after the window, and the buffer is
+    reallocated (with half as many columns again to spare) only when it is full, so each column
+    is copied a bounded number of times. A batch's rows join and leave in place too
+    (:mod:`powerserve.engine.batch_cache`: into spare rows, the window's left margin, and rows
+    moved within the window). A view of a buffer with spare room is copied out before it is
+    kept (:meth:`Snapshot.of`), so no later write reaches a view handed out.
     """
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.lo = 0  # the window's first column in the buffers
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n = self.get_seq_length()
+        rows, n = key_states.shape[0], self.get_seq_length()
         end = n + key_states.shape[-2]
-        if self._buffers is None or end > self._buffers[0].shape[-2]:
-            columns = spare_columns(end)
-            k = key_states.new_empty(*key_states.shape[:-2], columns, key_states.shape[-1])
-            v = value_states.new_empty(*value_states.shape[:-2], columns, value_states.shape[-1])
+        if self.buffers is None or self.lo + end > self.buffers[0].shape[-2] or rows > self.buffers[0].shape[0]:
+            capacity = rows if self.buffers is None else max(rows, self.buffers[0].shape[0])
+            shape = (capacity, key_states.shape[1], spare_columns(end), key_states.shape[-1])
+            k, v = key_states.new_empty(shape), value_states.new_empty(shape)
             if n and self.keys is not None and self.values is not None:
-                k[..., :n, :].copy_(self.keys)
-                v[..., :n, :].copy_(self.values)
-            self._buffers = (k, v)
-        k, v = self._buffers
-        k[..., n:end, :].copy_(key_states)
-        v[..., n:end, :].copy_(value_states)
-        self.keys, self.values = k[..., :end, :], v[..., :end, :]
+                k[:rows, :, :n].copy_(self.keys)
+                v[:rows, :, :n].copy_(self.values)
+            self.buffers, self.lo = (k, v), 0
+        k, v = self.buffers
+        k[:rows, :, self.lo + n : self.lo + end].copy_(key_states)
+        v[:rows, :, self.lo + n : self.lo + end].copy_(value_states)
+        self.window(rows, self.lo, end)
+        assert self.keys is not None and self.values is not None
         return self.keys, self.values
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a GrowingLayer is never cropped: views of its columns are shared")
 
-    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        """Take buffers [B, h, columns, d] whose first ``length`` columns are filled."""
+    def window(self, rows: int, lo: int, length: int) -> None:
+        """Make the layer's keys and values the buffers' first ``rows`` rows, columns ``lo`` ..
+        ``lo + length - 1``."""
+        assert self.buffers is not None
+        k, v = self.buffers
+        self.lo = lo
+        self.keys, self.values = k[:rows, :, lo : lo + length], v[:rows, :, lo : lo + length]
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, rows: int, lo: int, length: int) -> None:
+        """Take buffers [R, h, columns, d] whose first ``rows`` rows hold ``length`` columns from
+        column ``lo`` on."""
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._buffers = (keys, values)
-        self.keys, self.values = keys[..., :length, :], values[..., :length, :]
+        self.buffers = (keys, values)
+        self.window(rows, lo, length)
 
 
 def spare_columns(length: int) -> int:
@@ -80,41 +93,6 @@ def new_cache(config: PreTrainedConfig, kv: KV | None = None) -> DynamicCache:
     return cache
 
 
-Piece = tuple[int, KV | None, int]  # (first row, kv [r, h, n, d] per layer or None, n)
-
-
-def assemble(config: PreTrainedConfig, like: KV, rows: int, width: int, pieces: Sequence[Piece]) -> DynamicCache:
-    """A batch cache of ``rows`` rows and ``width`` columns, left-padded: each piece's kv fills
-    its rows' last n columns, zeros before them (a None kv: zeros for its r rows, r = 1).
-    ``like`` gives the head counts, sizes, dtype and device.
-
-    With :class:`GrowingLayer` layers every piece is copied once, straight into the grown
-    buffer; otherwise (sliding-window layers) the padded pieces are concatenated."""
-    cache = new_cache(config)
-    if not all(isinstance(layer, GrowingLayer) for layer in cache.layers):
-        parts = sorted(pieces, key=lambda piece: piece[0])
-        padded = [pad_left(kv, like, 1 if kv is None else kv[0][0].shape[0], width - n) for _, kv, n in parts]
-        kv_all = [
-            (torch.cat([p[i][0] for p in padded]), torch.cat([p[i][1] for p in padded])) for i in range(len(like))
-        ]
-        return new_cache(config, kv_all)
-    columns = spare_columns(width)
-    for i, layer in enumerate(cache.layers):
-        k_ref, v_ref = like[i]
-        k = k_ref.new_empty(rows, k_ref.shape[1], columns, k_ref.shape[3])
-        v = v_ref.new_empty(rows, v_ref.shape[1], columns, v_ref.shape[3])
-        for first, kv, n in pieces:
-            r = 1 if kv is None else kv[i][0].shape[0]
-            k[first : first + r, :, : width - n].zero_()
-            v[first : first + r, :, : width - n].zero_()
-            if kv is not None and n:
-                k[first : first + r, :, width - n : width].copy_(kv[i][0])
-                v[first : first + r, :, width - n : width].copy_(kv[i][1])
-        assert isinstance(layer, GrowingLayer)
-        layer.adopt(k, v, width)
-    return cache
-
-
 @dataclass(slots=True)
 class CachedSequence:
     """One sequence's own KV cache, holding the keys and values of ``tokens``; the first
@@ -129,9 +107,9 @@ class CachedSequence:
 class Snapshot:
     """The keys and values of ``tokens`` per layer, each tensor [1, heads, len(tokens), dim].
 
-    Safe to share: a cache layer never rewrites a column it holds (``DynamicLayer`` grows by
-    concatenation, :class:`GrowingLayer` writes only beyond its length), so the tensors of a
-    snapshot are not changed by later forwards of the cache they were taken from.
+    Safe to share: the tensors of a snapshot are not changed by later work on the cache they
+    were taken from. ``DynamicLayer`` grows by concatenation; a :class:`GrowingLayer`'s buffers
+    always have spare columns and are written in place, so :meth:`of` copies its views out.
     """
 
     tokens: tuple[int, ...]
@@ -217,19 +195,4 @@ def kv_layers(cache: DynamicCache) -> KV | None:
         if layer.keys.dim() != 4:  # initialised but never filled
             return None
         out.append((layer.keys, layer.values))
-    return out
-
-
-def pad_left(kv: KV | None, like: KV, rows: int, columns: int) -> KV:
-    """``kv`` ([rows, h, W, d] per layer, None for W = 0) with ``columns`` zero columns in front;
-    ``like`` gives the head counts, sizes, dtype and device."""
-    out = []
-    for i, (k_ref, v_ref) in enumerate(like):
-        k0 = k_ref.new_zeros(rows, k_ref.shape[1], columns, k_ref.shape[3])
-        v0 = v_ref.new_zeros(rows, v_ref.shape[1], columns, v_ref.shape[3])
-        if kv is None:
-            out.append((k0, v0))
-        else:
-            k, v = kv[i]
-            out.append((torch.cat([k0, k], dim=-2), torch.cat([v0, v], dim=-2)) if columns else (k, v))
     return out

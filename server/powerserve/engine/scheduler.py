@@ -120,10 +120,10 @@ class Scheduler:
                 row.tokens, row.pending, row.reused = seq.tokens, row.prompt[-1], seq.reused
                 admitted.append((row, seq))
         if not self.runner.full_attention:  # no shared padded cache: a batch each
-            self.batches += [Batch(self.runner.config, row, seq) for row, seq in admitted]
+            self.batches += [Batch(self.runner.config, row, seq, 1) for row, seq in admitted]
         elif admitted:
             if not self.batches:
-                self.batches.append(Batch(self.runner.config, *admitted.pop(0)))
+                self.batches.append(Batch(self.runner.config, *admitted.pop(0), self.max_batch_size))
             self.batches[0].join(admitted)
 
     def _first_step_shared(self, rows: list[Row]) -> list[tuple[Row, CachedSequence]]:
