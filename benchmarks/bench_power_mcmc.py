@@ -272,11 +272,12 @@ async def bench(args: argparse.Namespace) -> tuple[list[str], dict[str, list[Mea
             in_flight_bound(work[b : b + args.in_flight], k, rows_s) for b in range(0, len(work), args.in_flight)
         )
         gain = tokens_per_second(together) / tokens_per_second(alone)
+        kind = "at most" if k == 1 else "(an estimate: long_answer_table.in_flight_bound)"
         lines += [
             "",
             f"{label}: {args.in_flight} in flight give {gain:.2f}x the throughput of the same requests one at "
             f"a time. By the model's own cost of rows side by side, these requests (engine tokens "
-            f"{', '.join(str(w) for w in work)}) allow {bound:.2f}x at most: the longest one's "
+            f"{', '.join(str(w) for w in work)}) allow {bound:.2f}x {kind}: the longest one's "
             f"{max(work) // k} steps run one after another, with fewer rows once the others are done.",
         ]
     return lines, results

@@ -118,15 +118,17 @@ def markdown_table(results: Mapping[str, Sequence[Measured]], baseline: str, n_f
 
 
 def in_flight_bound(work: Sequence[float], rows_per_request: int, step_cost: Mapping[int, float]) -> float:
-    """The most that ``len(work)`` requests in flight can gain, by the model's own cost, over the
-    same requests one at a time.
+    """What ``len(work)`` requests in flight can gain, by the model's own cost, over the same
+    requests one at a time: a bound for K = 1, an estimate for K > 1 (below).
 
     Request i needs ``work[i]`` engine tokens and keeps ``rows_per_request`` (K) rows busy, so
     it needs w_i / K decode steps. Alone, it costs (w_i / K) c(K); in flight, step s carries
     r_s = K #{i : w_i / K > s} rows and costs c(r_s), however the engine schedules them: the
     longest request's steps are sequential. ``step_cost`` maps row counts (1 among them, and
     the largest r_s) to measured costs of a step; c is interpolated linearly between them,
-    which under-states a cost concave in r (the bound is then generous, never tight).
+    which under-states a cost concave in r (the in-flight side, so the bound errs high). With
+    K > 1, (w_i / K) c(K) under-states a request alone whose K rows do not all run on every
+    step (candidates that end early run fewer, dearer rows), so a measurement can beat it.
 
         bound = sum_i (w_i / K) c(K) / sum_s c(r_s)
     """
