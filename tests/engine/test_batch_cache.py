@@ -124,3 +124,28 @@ async def test_an_engine_whose_rows_join_and_leave_in_place_decodes_as_each_call
     assert True in joins and any(order is not None for order in drops)
     for steps, want in zip([head + rest, *middle, last], await alone(model, calls, max_model_len=1024), strict=True):
         assert_same_steps(steps, want)
+
+
+def test_a_full_buffer_grows_with_its_spare_rows_and_left_margin() -> None:
+    """Decode steps past a batch cache's spare columns reallocate its buffers: the window keeps
+    its rows and values, and the buffers keep their spare rows and left margin, so a later
+    widening join still fits in place."""
+    a = kv(2, 6)
+    cache = assemble(CONFIG, a, 2, 6, [(0, a, 6)], capacity=8)
+    layer = cache.layers[0]
+    assert isinstance(layer, GrowingLayer) and layer.buffers is not None
+    lo, first = layer.lo, layer.buffers[0].data_ptr()
+    steps = []
+    while layer.buffers[0].data_ptr() == first:
+        step = kv(2, 1)
+        steps.append(step)
+        for i, (k, v) in enumerate(step):
+            cache.layers[i].update(k, v)
+    assert layer.lo == lo and layer.buffers[0].shape[0] == 8
+    width = 6 + len(steps)
+    whole = [
+        (torch.cat([a[i][0], *(s[i][0] for s in steps)], -2), torch.cat([a[i][1], *(s[i][1] for s in steps)], -2))
+        for i in range(LAYERS)
+    ]
+    assert_holds(cache, [whole], width)
+    assert join_in_place(cache, 2, width, width + 3, [(2, kv(1, width + 3), width + 3)])

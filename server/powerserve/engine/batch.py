@@ -137,17 +137,21 @@ class Batch:
             self.rows = []
             return
         unused = min(self.rows[b].start for b in keep)
-        kv = kv_layers(self.cache)
-        order = keep if kv is None else drop_in_place(self.cache, keep, self.width, unused)
-        if order is None and kv is not None:  # the kept rows, in runs of consecutive ones: one copy per run and layer
-            pieces: list[Piece] = [
-                (first, [(k[lo:hi, :, unused:], v[lo:hi, :, unused:]) for k, v in kv], self.width - unused)
-                for first, lo, hi in _runs(keep)
-            ]
-            rows = len(keep)
-            self.cache = assemble(self.config, kv, rows, self.width - unused, pieces, spare_rows(rows, self.max_rows))
-            order = keep
-        self.rows = [self.rows[b] for b in order or keep]
+        kv, order = kv_layers(self.cache), keep
+        if kv is not None:
+            moved = drop_in_place(self.cache, keep, self.width, unused)
+            if moved is not None:
+                order = moved
+            else:  # the kept rows, in runs of consecutive ones: one copy per run and layer
+                pieces: list[Piece] = [
+                    (first, [(k[lo:hi, :, unused:], v[lo:hi, :, unused:]) for k, v in kv], self.width - unused)
+                    for first, lo, hi in _runs(keep)
+                ]
+                rows = len(keep)
+                self.cache = assemble(
+                    self.config, kv, rows, self.width - unused, pieces, spare_rows(rows, self.max_rows)
+                )
+        self.rows = [self.rows[b] for b in order]
         for r in self.rows:
             r.start -= unused
         self.width -= unused

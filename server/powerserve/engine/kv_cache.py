@@ -24,8 +24,8 @@ class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     ``DynamicLayer`` grows by ``torch.cat``, which copies the whole [B, h, W, d] cache at every
     decode step: at 16 rows of 200 columns on the embedded model that is about a fifth of the
     step. Here a step writes only its new columns after the window, and the buffer is
-    reallocated (with half as many columns again to spare) only when it is full, so each column
-    is copied a bounded number of times. A batch's rows join and leave in place too
+    reallocated (with half as many columns again to spare, its spare rows and left margin kept)
+    only when it is full, so each column is copied a bounded number of times. A batch's rows join and leave in place too
     (:mod:`powerserve.engine.batch_cache`: into spare rows, the window's left margin, and rows
     moved within the window). A view of a buffer with spare room is copied out before it is
     kept (:meth:`Snapshot.of`), so no later write reaches a view handed out.
@@ -44,13 +44,14 @@ class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         rows, n = key_states.shape[0], self.get_seq_length()
         end = n + key_states.shape[-2]
         if self.buffers is None or self.lo + end > self.buffers[0].shape[-2] or rows > self.buffers[0].shape[0]:
+            # new buffers keep the spare rows and the left margin (a batch's room to join in place)
             capacity = rows if self.buffers is None else max(rows, self.buffers[0].shape[0])
-            shape = (capacity, key_states.shape[1], spare_columns(end), key_states.shape[-1])
+            shape = (capacity, key_states.shape[1], self.lo + spare_columns(end), key_states.shape[-1])
             k, v = key_states.new_empty(shape), value_states.new_empty(shape)
             if n and self.keys is not None and self.values is not None:
-                k[:rows, :, :n].copy_(self.keys)
-                v[:rows, :, :n].copy_(self.values)
-            self.buffers, self.lo = (k, v), 0
+                k[:rows, :, self.lo : self.lo + n].copy_(self.keys)
+                v[:rows, :, self.lo : self.lo + n].copy_(self.values)
+            self.buffers = (k, v)
         k, v = self.buffers
         k[:rows, :, self.lo + n : self.lo + end].copy_(key_states)
         v[:rows, :, self.lo + n : self.lo + end].copy_(value_states)
